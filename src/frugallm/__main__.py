@@ -1,0 +1,5 @@
+import sys
+
+from frugallm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Cost models: pure functions of a ``ModelConfig`` (parameters, FLOPs, memory, hardware, dollars)."""

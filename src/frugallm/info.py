@@ -1,0 +1,65 @@
+"""``frugallm info``: a configuration's shape and parameter counts, computed without allocating weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from frugallm.config import PRESET_SOURCES, PRESETS, ModelConfig, load_model_config, preset
+from frugallm.cost.params import param_counts
+
+
+def resolve_config(args: argparse.Namespace) -> ModelConfig:
+    if getattr(args, "config", None):
+        return load_model_config(args.config)
+    return preset(getattr(args, "preset", None) or "tiny")
+
+
+def _human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def run_info(args: argparse.Namespace) -> int:
+    console = Console()
+    if args.list:
+        table = Table(title="presets")
+        for col in ("name", "total", "active", "source"):
+            table.add_column(col)
+        for name in PRESETS:
+            c = param_counts(preset(name))
+            table.add_row(name, _human(c.total), _human(c.active), PRESET_SOURCES[name])
+        console.print(table)
+        return 0
+    cfg = resolve_config(args)
+    counts = param_counts(cfg)
+    if args.json:
+        print(json.dumps({"config": cfg.to_dict(), "params": counts.as_dict()}, indent=2))
+        return 0
+    table = Table(title=f"{args.preset or args.config}: {cfg.attention.upper()} attention, "
+                        f"{'MoE' if cfg.ffn == 'moe' else 'dense'} FFN, {cfg.num_hidden_layers} layers")
+    table.add_column("parameters")
+    table.add_column("count", justify="right")
+    table.add_column("exact", justify="right")
+    rows = [("total (MTP excluded)", counts.total), ("active per token", counts.active),
+            ("active per token, embedding excluded", counts.active_non_embedding),
+            ("embedding", counts.embedding), ("output head", counts.output_head),
+            ("MTP modules (own parameters)", counts.mtp), ("total with MTP", counts.total_with_mtp)]
+    for label, n in rows:
+        table.add_row(label, _human(n), f"{n:,}")
+    console.print(table)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="show a configuration and its parameter counts")
+    p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--config", default=None, help="a frugallm TOML, a Hugging Face config.json, or a directory")
+    p.add_argument("--list", action="store_true", help="list the presets")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_info)

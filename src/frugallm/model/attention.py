@@ -1,0 +1,224 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1, V3 section 2.1.1), RoPE with YaRN, and the MHA/GQA
+baselines we measure it against.
+
+Symbols (sizes of the published DeepSeek-V3 in brackets):
+    B batch, S query length, T key length (cached + new), H hidden [7168], n_h heads [128]
+    r_q  q_lora_rank [1536]       query latent; None means a full query projection (V2-Lite)
+    r_kv kv_lora_rank [512]       the compressed KV latent, the only per-token state the cache keeps
+    d_n  qk_nope_head_dim [128]   per-head key/query part without position
+    d_r  qk_rope_head_dim [64]    decoupled RoPE part; one rope key shared by all heads
+    d_v  v_head_dim [128]
+
+Weights (nn.Linear stores [out, in]):
+    q_a_proj [r_q, H] -> q_a_layernorm -> q_b_proj [n_h*(d_n+d_r), r_q]     (or q_proj [n_h*(d_n+d_r), H])
+    kv_a_proj_with_mqa [r_kv + d_r, H] -> split latent c_kv [r_kv] (kv_a_layernorm) and k_rope [d_r]
+    kv_b_proj [n_h*(d_n+d_v), r_kv]   expands c_kv into per-head k_nope and v
+    o_proj [H, n_h*d_v]
+
+Expanded path (training, prefill), the one implemented by ``forward``:
+    q = [q_nope, rope(q_rope)]                                  [B, n_h, S, d_n+d_r]
+    k = [W_UK c_kv, rope(k_rope) broadcast over heads]          [B, n_h, T, d_n+d_r]
+    v = W_UV c_kv                                               [B, n_h, T, d_v]
+    out = o_proj(softmax(q k^T * scale) v)
+The absorbed decode path (serving) multiplies W_UK into the query and applies W_UV after attention, so
+attention runs directly over the cached [r_kv + d_r] per token; ``kv_b_weights`` exposes W_UK and W_UV.
+
+RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints lay them out. YaRN
+(arXiv 2309.00071) blends interpolated and extrapolated frequencies and corrects the softmax scale by
+``mscale(factor, mscale_all_dim)**2``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frugallm.config import ModelConfig
+from frugallm.model.layers import RMSNorm
+
+
+# ----- rotary embedding ---------------------------------------------------------------------------------
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the factor applied to cos/sin (1 without YaRN)."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim  # never on meta
+    inv_freq = 1.0 / theta**exponents  # [dim/2]
+    if not scaling or scaling.get("type", scaling.get("rope_type")) != "yarn":
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    original = int(scaling["original_max_position_embeddings"])
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if scaling.get("attention_factor") is not None:
+        attn_factor = float(scaling["attention_factor"])
+    elif mscale and mscale_all:
+        attn_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+    else:
+        attn_factor = _yarn_mscale(factor)
+
+    def dim_for_rotations(n_rot: float) -> float:
+        # the pair index whose wavelength completes n_rot turns over the original context
+        return dim * math.log(original / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_for_rotations(beta_fast)), 0)
+    high = min(math.ceil(dim_for_rotations(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1.0 - ramp  # 1: extrapolate (high-frequency pairs keep their frequency), 0: interpolate
+    inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+    return inv_freq, attn_factor
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    scale = cfg.qk_head_dim**-0.5
+    rs = cfg.rope_scaling
+    if rs and rs.get("type", rs.get("rope_type")) == "yarn" and rs.get("mscale_all_dim"):
+        m = _yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
+        scale *= m * m
+    return scale
+
+
+class Rotary(nn.Module):
+    """Caches cos/sin per position; ``forward(positions)`` returns (cos, sin), each [*positions, d_r/2]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # a plain attribute, not a buffer: it stays float32 when the model is cast to bf16
+        self.inv_freq, self.attn_factor = rope_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta,
+                                                           cfg.rope_scaling)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [*, d_r/2]
+        return angles.cos() * self.attn_factor, angles.sin() * self.attn_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the last dim. x: [B, heads, S, d_r]; cos/sin: [B or 1, S, d_r/2]."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, h, S, d_r/2] each
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, d_r/2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # [B, h, S, d_r/2, 2]
+    return out.flatten(-2).to(x.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     q_offset: int = 0) -> torch.Tensor:
+    """softmax(q k^T * scale) v with causal masking; q: [B, h, S, d], k: [B, h, T, d], v: [B, h, T, d_v].
+    The S queries sit at positions q_offset .. q_offset+S-1 of the T keys."""
+    S, T = q.shape[-2], k.shape[-2]
+    if q_offset == 0 and S == T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(diagonal=q_offset)  # [S, T]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+# ----- MLA ------------------------------------------------------------------------------------------------
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.d_nope, self.d_rope, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = softmax_scale(cfg)
+        H, nh, dqk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, nh * dqk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(nh * cfg.v_head_dim, H, bias=False)
+
+    def project_q(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> q_nope [B, n_h, S, d_n], q_rope [B, n_h, S, d_r] (rotated)."""
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # [B, n_h, S, d_n+d_r]
+        q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
+        return q_nope, apply_rope(q_rope, *rope)
+
+    def compress_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> kv_latent [B, S, r_kv] (normalised), k_rope [B, S, d_r] (rotated): what a cache keeps."""
+        kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.d_rope], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(1), *rope).squeeze(1)  # [B, S, d_r]
+        return self.kv_a_layernorm(kv_latent), k_rope
+
+    def kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [n_h, d_n, r_kv] and W_UV [n_h, d_v, r_kv], views of kv_b_proj for the absorbed path."""
+        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, self.d_nope + self.d_v))  # [n_h, d_n+d_v, r_kv]
+        return w[:, : self.d_nope], w[:, self.d_nope :]
+
+    def attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor,
+                        k_rope: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+        """Rebuild per-head K and V from the latent and attend. Returns [B, S, n_h*d_v]."""
+        kv = self.kv_b_proj(kv_latent).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # [B, n_h, T, d_n+d_v]
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        k_rope = k_rope.unsqueeze(1).expand(-1, self.n_heads, -1, -1)  # [B, n_h, T, d_r]
+        q = torch.cat([q_nope, q_rope], dim=-1)  # [B, n_h, S, d_n+d_r]
+        k = torch.cat([k_nope, k_rope], dim=-1)  # [B, n_h, T, d_n+d_r]
+        out = causal_attention(q, k, v, self.scale, q_offset)  # [B, n_h, S, d_v]
+        return out.transpose(1, 2).flatten(2)  # [B, S, n_h*d_v]
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q_nope, q_rope = self.project_q(x, rope)
+        kv_latent, k_rope = self.compress_kv(x, rope)
+        return self.o_proj(self.attend_expanded(q_nope, q_rope, kv_latent, k_rope))
+
+
+# ----- baselines ----------------------------------------------------------------------------------------
+class GQA(nn.Module):
+    """Multi-head (n_kv = n_h) or grouped-query attention with the same head dims as MLA; RoPE rotates the
+    last d_r dims of every query and key head. The KV cache keeps n_kv*(d_n+d_r+d_v) values per token."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, nh, nkv = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads
+        self.n_heads, self.n_kv = nh, nkv
+        self.d_nope, self.d_rope, self.d_qk, self.d_v = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                                          cfg.qk_head_dim, cfg.v_head_dim)
+        self.scale = softmax_scale(cfg)
+        self.q_proj = nn.Linear(H, nh * self.d_qk, bias=False)
+        self.k_proj = nn.Linear(H, nkv * self.d_qk, bias=False)
+        self.v_proj = nn.Linear(H, nkv * self.d_v, bias=False)
+        self.o_proj = nn.Linear(nh * self.d_v, H, bias=False)
+
+    def _rope_last(self, t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        nope, r = t.split([self.d_nope, self.d_rope], dim=-1)
+        return torch.cat([nope, apply_rope(r, *rope)], dim=-1)
+
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = self.q_proj(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # [B, n_h, S, d_qk]
+        k = self.k_proj(x).unflatten(-1, (self.n_kv, -1)).transpose(1, 2)  # [B, n_kv, S, d_qk]
+        v = self.v_proj(x).unflatten(-1, (self.n_kv, -1)).transpose(1, 2)  # [B, n_kv, S, d_v]
+        return self._rope_last(q, rope), self._rope_last(k, rope), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, n_h, T, *]
+        return causal_attention(q, k, v, self.scale, q_offset).transpose(1, 2).flatten(2)  # [B, S, n_h*d_v]
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.o_proj(self.attend(*self.qkv(x, rope)))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return MLA(cfg) if cfg.attention == "mla" else GQA(cfg)

@@ -1,0 +1,168 @@
+"""DeepSeekMoE (V3 report, section 2.1.2): shared experts always on, fine-grained routed experts chosen by a
+sigmoid router with group-limited selection, auxiliary-loss-free balancing through a per-expert bias,
+and a small sequence-wise balance loss. No token is ever dropped.
+
+Symbols: N tokens (B*S), E routed experts, k experts per token, G groups (n_group), g groups kept
+(topk_group), I_m expert width.
+
+Routing, for each token:
+    s = sigmoid(x W_r^T)                         [N, E] affinities, in float32 (the router stays high precision)
+    choice = s + b                               b: the balancing bias, a buffer, used for selection only
+    group score = sum of the top 2 `choice` in each group; keep the best g groups, mask the rest
+    idx = top-k of `choice` among kept experts   [N, k]
+    gate = s[idx] (/ sum when norm_topk_prob) * routed_scaling_factor
+The bias never enters gate values, so balancing changes who is chosen but not how outputs mix.
+
+Experts run grouped: the N*k (token, expert) pairs are sorted by expert so that every expert sees one
+contiguous slice, computed with one ``torch._grouped_mm`` (where the dtype and device support it) or one
+matmul per expert; results are weighted and summed back with ``index_add_``. Weights are stored stacked,
+``gate_up_proj [E, 2*I_m, H]`` and ``down_proj [E, H, I_m]``, which is what expert parallelism shards on dim 0.
+
+Sequence-wise balance loss (eq. 17-20), per sequence of length S:
+    f_i = E / (k*S) * #{t : i in idx_t},   P_i = mean_t s_{t,i} / sum_j s_{t,j},   L = sum_i f_i P_i
+returned unweighted (mean over the sequences); the training loop multiplies it by alpha.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frugallm.config import ModelConfig
+from frugallm.model.layers import MLP
+
+
+class RouterOutput(NamedTuple):
+    indices: torch.Tensor  # [N, k] int64
+    gates: torch.Tensor  # [N, k] float32
+    scores: torch.Tensor  # [N, E] float32 affinities (unbiased)
+
+
+class MoEStats(NamedTuple):
+    balance_loss: torch.Tensor  # scalar, unweighted sequence-wise balance loss
+    load: torch.Tensor  # [E] tokens routed to each expert (detached)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.scoring = cfg.scoring_func
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # the bias accumulates steps of gamma = 1e-3: keep it float32 when the model is cast
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x: [N, H]."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach() + self.e_score_correction_bias  # [N, E]
+        if self.n_group > 1:
+            grouped = choice.unflatten(-1, (self.n_group, -1))  # [N, G, E/G]
+            if self.scoring == "sigmoid":
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
+            else:
+                group_score = grouped.amax(dim=-1)  # [N, G] (V2's group-limited greedy)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)  # [N, G]
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)  # [N, E]
+        indices = choice.topk(self.top_k, dim=-1).indices  # [N, k]
+        gates = scores.gather(1, indices)  # [N, k]
+        if self.norm_topk_prob:
+            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+        return RouterOutput(indices, gates * self.scaling, scores)
+
+
+def _grouped_mm_usable(x: torch.Tensor) -> bool:
+    return hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and x.device.type in ("cuda", "cpu")
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights, run on tokens sorted by expert."""
+
+    def __init__(self, n_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.n_experts, self.intermediate = n_experts, intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+        self.use_grouped_mm = True
+
+    def run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [M, H] sorted by expert, counts [E]: apply each expert to its contiguous slice -> [M, H]."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(xs.device.type):
+            dtype = torch.get_autocast_dtype(xs.device.type)
+            xs, gate_up, down = xs.to(dtype), gate_up.to(dtype), down.to(dtype)
+        if self.use_grouped_mm and _grouped_mm_usable(xs) and xs.shape[0] > 0:
+            offs = counts.cumsum(0).to(torch.int32)  # [E] end offset of each expert's slice
+            h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [M, 2*I_m]
+            g, u = h.chunk(2, dim=-1)
+            return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)  # [M, H]
+        outs = []
+        for e, chunk in enumerate(xs.split(counts.tolist())):
+            if chunk.shape[0] == 0:
+                continue
+            g, u = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)  # [m_e, I_m] each
+            outs.append(F.linear(F.silu(g) * u, down[e]))  # [m_e, H]
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """x [N, H], indices/gates [N, k] -> sum_j gates[:, j] * expert_{indices[:, j]}(x)  [N, H]."""
+        k = indices.shape[1]
+        flat = indices.reshape(-1)  # [N*k]
+        order = flat.argsort(stable=True)  # pairs sorted by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
+        token = order // k  # [N*k] source token of each sorted pair
+        ys = self.run_sorted(x[token], counts)  # [N*k, H]
+        ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+        return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """x: [B, S, H] -> ([B, S, H], stats)."""
+        B, S, H = x.shape
+        flat = x.reshape(B * S, H)  # [N, H]
+        route = self.gate(flat)
+        out = self.experts(flat, route.indices, route.gates).view(B, S, H)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out, MoEStats(self.balance_loss(route, B, S), self.load(route.indices))
+
+    def load(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(indices.reshape(-1), minlength=self.n_experts).detach()  # [E]
+
+    def balance_loss(self, route: RouterOutput, B: int, S: int) -> torch.Tensor:
+        probs = route.scores / route.scores.sum(-1, keepdim=True)  # [N, E]
+        P = probs.view(B, S, -1).mean(1)  # [B, E]
+        hits = torch.zeros(B, S * self.top_k, self.n_experts, device=probs.device)
+        hits.scatter_(2, route.indices.view(B, S * self.top_k, 1), 1.0)
+        f = hits.sum(1) * (self.n_experts / (self.top_k * S))  # [B, E]
+        return (f * P).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, gamma: float) -> None:
+        """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower it for over-loaded
+        ones, by a fixed step gamma (V3 report, eq. 16 and section 4.2)."""
+        load = load.to(self.gate.e_score_correction_bias.device, torch.float32)
+        self.gate.e_score_correction_bias.add_(gamma * torch.sign(load.mean() - load))

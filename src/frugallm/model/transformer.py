@@ -1,0 +1,147 @@
+"""The DeepSeek-V3 language model: embedding, decoder blocks (MLA + DeepSeekMoE), final norm, output head,
+and the multi-token-prediction modules.
+
+``model(input_ids)`` returns the main logits [B, S, V]. ``model.forward_train(tokens)`` is the training
+entry: ``tokens`` is [B, S + 1 + D] (D = num_nextn_predict_layers) and it returns the main next-token loss,
+one loss per MTP depth, the unweighted balance loss summed over MoE layers, and each MoE layer's expert
+load (main layers first, then MTP blocks), which the training loop hands to ``update_expert_bias``.
+
+Module names follow Hugging Face's ``DeepseekV3ForCausalLM`` (``model.layers.N.self_attn.kv_b_proj`` ...),
+so checkpoint I/O is a rename of the MTP modules and a split or merge of the stacked experts at most.
+Large models are built on the meta device and materialised by ``build_model``; ``init_weights`` lists the
+initialisation of every parameter.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frugallm.config import ModelConfig
+from frugallm.model.attention import Rotary
+from frugallm.model.block import DecoderLayer
+from frugallm.model.layers import RMSNorm
+from frugallm.model.moe import MoE, MoEStats
+from frugallm.model.mtp import MTPModule
+
+
+class TrainOutput(NamedTuple):
+    loss: torch.Tensor  # main next-token cross-entropy (mean over tokens)
+    mtp_losses: list[torch.Tensor]  # one per MTP depth
+    balance_loss: torch.Tensor  # unweighted, summed over MoE layers
+    loads: torch.Tensor | None  # [n_moe_layers (+ MTP), E] tokens per expert, None without MoE
+
+
+class Trunk(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mtp = nn.ModuleList(MTPModule(cfg, d + 1) for d in range(cfg.num_nextn_predict_layers))
+
+
+class DeepseekV3LM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Trunk(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(cfg)
+
+    # ----- forward passes -----------------------------------------------------------------------------
+    def rope(self, seq_len: int, offset: int = 0, device: torch.device | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(offset, offset + seq_len, device=device or self.lm_head.weight.device)
+        cos, sin = self.rotary(pos)  # [S, d_r/2]
+        return cos.unsqueeze(0), sin.unsqueeze(0)  # [1, S, d_r/2]
+
+    def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[MoEStats]]:
+        """input_ids [B, S] -> last hidden state before the final norm [B, S, H], and MoE stats."""
+        x = self.model.embed_tokens(input_ids)  # [B, S, H]
+        rope = self.rope(input_ids.shape[1], device=input_ids.device)
+        stats = []
+        for layer in self.model.layers:
+            x, s = layer(x, rope)
+            if s is not None:
+                stats.append(s)
+        return x, stats
+
+    def logits(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        return self.lm_head((norm or self.model.norm)(h))  # [B, S, V]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.hidden(input_ids)[0])
+
+    def forward_train(self, tokens: torch.Tensor, ignore_index: int = -100) -> TrainOutput:
+        D = len(self.model.mtp)
+        S = tokens.shape[1] - 1 - D
+        if S < 1:
+            raise ValueError(f"forward_train needs [B, S + 1 + {D}] tokens with S >= 1, got {tuple(tokens.shape)}")
+        h, stats = self.hidden(tokens[:, :S])
+        loss = _cross_entropy(self.logits(h), tokens[:, 1 : S + 1], ignore_index)
+        mtp_losses = []
+        rope = self.rope(S, device=tokens.device)
+        for d, module in enumerate(self.model.mtp, start=1):
+            h, s = module(h, self.model.embed_tokens(tokens[:, d : S + d]), rope)
+            if s is not None:
+                stats.append(s)
+            logits = self.logits(h, module.shared_head.norm)
+            mtp_losses.append(_cross_entropy(logits, tokens[:, d + 1 : S + d + 1], ignore_index))
+        if stats:
+            balance = torch.stack([s.balance_loss for s in stats]).sum()
+            loads = torch.stack([s.load for s in stats])  # [n_moe, E]
+        else:
+            balance, loads = loss.new_zeros(()), None
+        return TrainOutput(loss, mtp_losses, balance, loads)
+
+    # ----- balancing ----------------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        """MoE modules in the order of ``TrainOutput.loads``: main layers, then MTP blocks."""
+        blocks = list(self.model.layers) + list(self.model.mtp)
+        return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
+
+    @torch.no_grad()
+    def update_expert_bias(self, loads: torch.Tensor, gamma: float) -> None:
+        for moe, load in zip(self.moe_layers(), loads, strict=True):
+            moe.update_bias(load, gamma)
+
+    # ----- initialisation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Every parameter's initialisation: matrices (linears, embedding, router, stacked experts) are
+        N(0, initializer_range), as DeepSeek-V3 (std 0.006); norm weights are 1; the balancing bias is 0."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for moe in self.moe_layers():
+            moe.gate.e_score_correction_bias.zero_()
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int | None = 0, init: bool = True) -> DeepseekV3LM:
+    """Build on the meta device, then allocate once on ``device`` and initialise (unless ``init`` is False,
+    as when a checkpoint is loaded next). ``device="meta"`` gives a model that allocates nothing."""
+    with torch.device("meta"):
+        model = DeepseekV3LM(cfg)
+    if str(device) == "meta":
+        return model
+    model = model.to_empty(device=device)
+    if init:
+        gen = torch.Generator(device=device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        model.init_weights(gen)
+    return model.to(dtype)
