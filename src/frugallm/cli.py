@@ -11,6 +11,7 @@ import sys
 AREAS = [
     "frugallm.info",
     "frugallm.data.cli",
+    "frugallm.data.curate_cli",
     "frugallm.train.cli",
     "frugallm.cost.cli",
     "frugallm.serve.cli",

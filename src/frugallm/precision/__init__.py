@@ -1,0 +1,1 @@
+"""Numerics: the FP8 fine-grained recipe and its backends."""
