@@ -1,1 +1,12 @@
-__version__ = '0.1.0'
+"""frugallm: train, fine-tune and serve DeepSeek-V3-style models, and know what each run cost."""
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(path, device="cpu", dtype=None):  # type: ignore[no-untyped-def]
+    """Load a Hugging Face DeepSeek-V3 directory; see ``frugallm.model.hf.from_pretrained``."""
+    import torch
+
+    from frugallm.model.hf import from_pretrained as _load
+
+    return _load(path, device=device, dtype=dtype or torch.float32)

@@ -100,6 +100,12 @@ class DeepseekV3LM(nn.Module):
             balance, loads = loss.new_zeros(()), None
         return TrainOutput(loss, mtp_losses, balance, loads)
 
+    def save_pretrained(self, path, **kwargs):  # type: ignore[no-untyped-def]
+        """Write a Hugging Face DeepSeek-V3 directory; see ``frugallm.model.hf.save_pretrained``."""
+        from frugallm.model.hf import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
+
     # ----- balancing ----------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:
         """MoE modules in the order of ``TrainOutput.loads``: main layers, then MTP blocks."""
