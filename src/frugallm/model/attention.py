@@ -105,7 +105,8 @@ class Rotary(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of the last dim. x: [B, heads, S, d_r]; cos/sin: [B or 1, S, d_r/2]."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, h, S, d_r/2] each
+    up = x.to(torch.promote_types(x.dtype, torch.float32))  # rotate in at least float32
+    x1, x2 = up.unflatten(-1, (-1, 2)).unbind(-1)  # [B, h, S, d_r/2] each
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, d_r/2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # [B, h, S, d_r/2, 2]
     return out.flatten(-2).to(x.dtype)

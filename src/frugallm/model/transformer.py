@@ -50,9 +50,14 @@ class DeepseekV3LM(nn.Module):
         self.config = cfg
         self.model = Trunk(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.rotary = Rotary(cfg)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when configured (again after ``to_empty``, which
+        materialises each module's parameters separately)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # ----- forward passes -----------------------------------------------------------------------------
     def rope(self, seq_len: int, offset: int = 0, device: torch.device | None = None
@@ -145,6 +150,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
     if str(device) == "meta":
         return model
     model = model.to_empty(device=device)
+    model.tie_weights()
     if init:
         gen = torch.Generator(device=device)
         if seed is not None:
