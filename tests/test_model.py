@@ -9,7 +9,7 @@ from frugallm.config import PRESETS, ModelConfig, preset
 from frugallm.cost.params import param_counts
 from frugallm.errors import ConfigError
 from frugallm.model import build_model
-from frugallm.model.attention import MLA, GQA
+from frugallm.model.attention import GQA, MLA
 from frugallm.model.moe import MoE
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
