@@ -80,7 +80,11 @@ class DeepseekV3LM(nn.Module):
     def logits(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         return self.lm_head((norm or self.model.norm)(h))  # [B, S, V]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, train: bool = False) -> torch.Tensor | TrainOutput:
+        """Main logits [B, S, V]; with ``train=True`` the same as ``forward_train`` (so that wrappers such as
+        FSDP, whose hooks run on ``__call__``, see the training pass too)."""
+        if train:
+            return self.forward_train(input_ids)
         return self.logits(self.hidden(input_ids)[0])
 
     def forward_train(self, tokens: torch.Tensor, ignore_index: int = -100) -> TrainOutput:

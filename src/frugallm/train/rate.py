@@ -1,0 +1,68 @@
+"""Throughput, achieved FLOP/s, MFU and money, measured as the run goes.
+
+FLOPs per trained token come from the cost model (``frugallm.cost.flops.train_flops_per_token``, exact
+matmul shapes, MTP included). The peak is the hardware catalogue's for a GPU, and the CPU's measured
+once by a matmul probe in the dtype the run computes in (bf16 under autocast, else fp32).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from frugallm.config import ModelConfig
+from frugallm.cost.flops import train_flops_per_token
+from frugallm.errors import ConfigError
+from frugallm.train.config import TrainConfig
+
+
+def device_peak_and_price(device: torch.device, precision: str) -> tuple[str, float | None, float]:
+    """(device kind, peak FLOP/s per device in the run's compute dtype or None if unknown, $ per hour)."""
+    from frugallm.cost import hardware
+
+    dtype = "fp32" if precision == "fp32" else "bf16"  # fp8 GEMMs run as bf16 on devices without fp8
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)  # e.g. "NVIDIA H100 80GB HBM3"
+        for word in name.replace("-", " ").split():
+            try:
+                spec = hardware.get_device(word)
+            except ConfigError:
+                continue
+            key = "fp8" if precision == "fp8" and spec.fp8_tflops else "bf16"
+            return spec.name, spec.peak_flops(key), spec.price_per_hour or 0.0
+        return name, None, 0.0  # a GPU the catalogue lacks: no MFU, no default price
+    # a CPU has no list price per hour: money is counted at --price-per-hour (default 0)
+    return "cpu", hardware.cpu_peak_flops(dtype), 0.0
+
+
+class RateMeter:
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, world_size: int = 1):
+        self.cfg = cfg
+        self.world_size = world_size
+        self.model_cfg = model_cfg
+        self.flops_per_token = train_flops_per_token(model_cfg, cfg.seq_len)
+        self.kind, self.peak, default_price = device_peak_and_price(device, cfg.precision)
+        self.price = cfg.price_per_hour if cfg.price_per_hour is not None else default_price
+        self._window: list[tuple[int, float]] = []  # recent (tokens, seconds) for a smoothed rate
+
+    def update(self, tokens: int, seconds: float) -> None:
+        self._window.append((tokens, seconds))
+        del self._window[:-20]
+
+    def snapshot(self, elapsed_s: float) -> dict[str, Any]:
+        tok = sum(t for t, _ in self._window)
+        sec = sum(s for _, s in self._window) or 1e-9
+        tps = tok / sec
+        achieved = tps * self.flops_per_token / self.world_size
+        out: dict[str, Any] = {"tokens_per_s": round(tps, 1), "tflops": round(achieved / 1e12, 4)}
+        out["mfu"] = round(achieved / self.peak, 5) if self.peak else None
+        out["cost_usd"] = round(elapsed_s / 3600 * self.price * self.world_size, 6)
+        return out
+
+    def cost_record(self, tokens: int, elapsed_s: float) -> dict[str, Any]:
+        from frugallm.cost.report import run_cost
+
+        return run_cost(cfg=self.model_cfg, seq_len=self.cfg.seq_len, tokens=tokens, wall_seconds=elapsed_s,
+                        device_kind=self.kind, device_count=self.world_size,
+                        price_per_device_hour=self.price, peak_flops_per_device=self.peak)
