@@ -111,3 +111,91 @@ def match_dense_width(moe_cfg: ModelConfig, dense_cfg: ModelConfig) -> int:
     without_ffn -= dense_cfg.num_hidden_layers * 3 * dense_cfg.hidden_size
     per_layer = 3 * dense_cfg.hidden_size * dense_cfg.num_hidden_layers
     return max(1, round((target - without_ffn) / per_layer))
+
+
+def dense_width_for_params(dense_cfg: ModelConfig, target: int) -> int:
+    """The dense FFN width that gives ``dense_cfg`` (``ffn='dense'``) ``target`` parameters, MTP excluded.
+    For a dense model total and active counts are equal, so this matches either figure of an MoE model."""
+    without_ffn = param_counts(dense_cfg.replace(intermediate_size=1)).total
+    without_ffn -= dense_cfg.num_hidden_layers * 3 * dense_cfg.hidden_size
+    per_width = 3 * dense_cfg.hidden_size * dense_cfg.num_hidden_layers
+    return max(1, round((target - without_ffn) / per_width))
+
+
+# ----- weight matrices by shape (for the FLOP model and FP8 block scales) -----------------------------
+@dataclass(frozen=True)
+class Matrix:
+    """``count`` weight matrices of shape [rows, cols] (nn.Linear's [out, in]) in the model, of which
+    ``active`` are applied to every token. ``part`` groups them for the FLOP and memory breakdowns:
+    embedding, head, attention, router, dense_ffn, shared_expert, routed_expert, mtp_proj."""
+
+    name: str
+    rows: int
+    cols: int
+    count: int
+    active: int
+    part: str
+    mtp: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols * self.count
+
+    @property
+    def active_numel(self) -> int:
+        return self.rows * self.cols * self.active
+
+
+def _block_matrices(cfg: ModelConfig, moe: bool, n: int, mtp: bool) -> list[Matrix]:
+    """Matrices of ``n`` decoder blocks. Routed experts are listed per expert as in DeepSeek's checkpoints
+    (gate_proj, up_proj, down_proj), which is also the granularity of their FP8 block scales."""
+    H, nh = cfg.hidden_size, cfg.num_attention_heads
+    out: list[tuple[str, int, int, int, int, str]] = []
+    if cfg.attention == "mla":
+        if cfg.q_lora_rank is None:
+            out.append(("self_attn.q_proj", nh * cfg.qk_head_dim, H, n, n, "attention"))
+        else:
+            out.append(("self_attn.q_a_proj", cfg.q_lora_rank, H, n, n, "attention"))
+            out.append(("self_attn.q_b_proj", nh * cfg.qk_head_dim, cfg.q_lora_rank, n, n, "attention"))
+        out.append(("self_attn.kv_a_proj_with_mqa", cfg.kv_lora_rank + cfg.qk_rope_head_dim, H, n, n,
+                    "attention"))
+        out.append(("self_attn.kv_b_proj", nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank,
+                    n, n, "attention"))
+    else:
+        nkv = cfg.kv_heads
+        out.append(("self_attn.q_proj", nh * cfg.qk_head_dim, H, n, n, "attention"))
+        out.append(("self_attn.k_proj", nkv * cfg.qk_head_dim, H, n, n, "attention"))
+        out.append(("self_attn.v_proj", nkv * cfg.v_head_dim, H, n, n, "attention"))
+    out.append(("self_attn.o_proj", H, nh * cfg.v_head_dim, n, n, "attention"))
+    if moe:
+        E, k, Im = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+        out.append(("mlp.gate", E, H, n, n, "router"))
+        for proj, rows, cols in (("gate_proj", Im, H), ("up_proj", Im, H), ("down_proj", H, Im)):
+            out.append((f"mlp.experts.{proj}", rows, cols, n * E, n * k, "routed_expert"))
+        if cfg.n_shared_experts > 0:
+            Is = cfg.n_shared_experts * Im
+            for proj, rows, cols in (("gate_proj", Is, H), ("up_proj", Is, H), ("down_proj", H, Is)):
+                out.append((f"mlp.shared_experts.{proj}", rows, cols, n, n, "shared_expert"))
+    else:
+        I = cfg.intermediate_size
+        for proj, rows, cols in (("gate_proj", I, H), ("up_proj", I, H), ("down_proj", H, I)):
+            out.append((f"mlp.{proj}", rows, cols, n, n, "dense_ffn"))
+    prefix = "mtp." if mtp else "layers."
+    return [Matrix(prefix + name, r, c, cnt, act, part, mtp) for name, r, c, cnt, act, part in out if cnt]
+
+
+def weight_matrices(cfg: ModelConfig) -> list[Matrix]:
+    """Every weight matrix of the model with MTP modules (norm weights, the only 1-D parameters, excluded).
+    ``sum(m.numel) + norm weights == param_counts(cfg).total_with_mtp`` (tested against ``numel``).
+    A tied output head is not listed: it is the embedding."""
+    H, V, L, D = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    n_moe = cfg.n_moe_layers
+    mats = [Matrix("embed_tokens", V, H, 1, 0, "embedding")]  # a lookup: no FLOPs, so no active use
+    mats += _block_matrices(cfg, moe=False, n=L - n_moe, mtp=False)
+    mats += _block_matrices(cfg, moe=True, n=n_moe, mtp=False)
+    if D:
+        mats.append(Matrix("mtp.eh_proj", H, 2 * H, D, D, "mtp_proj", True))
+        mats += _block_matrices(cfg, moe=cfg.is_moe_layer(L), n=D, mtp=True)
+    if not cfg.tie_word_embeddings:
+        mats.append(Matrix("lm_head", V, H, 1, 1, "head"))
+    return mats

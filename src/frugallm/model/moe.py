@@ -14,7 +14,7 @@ Routing, for each token:
 The bias never enters gate values, so balancing changes who is chosen but not how outputs mix.
 
 Experts run grouped: the N*k (token, expert) pairs are sorted by expert so that every expert sees one
-contiguous slice, computed with one ``torch._grouped_mm`` (where the dtype and device support it) or one
+contiguous slice, computed with one ``torch._grouped_mm`` (bf16 on CUDA) or one
 matmul per expert; results are weighted and summed back with ``index_add_``. Weights are stored stacked,
 ``gate_up_proj [E, 2*I_m, H]`` and ``down_proj [E, H, I_m]``, which is what expert parallelism shards on dim 0.
 
@@ -86,7 +86,9 @@ class Router(nn.Module):
 
 
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
-    return hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and x.device.type in ("cuda", "cpu")
+    # CUDA only: torch 2.13's CPU kernel runs forward but its backward fails, and its forward is no faster
+    # than one matmul per expert on the CPU (measured here)
+    return hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and x.device.type == "cuda"
 
 
 class GroupedExperts(nn.Module):

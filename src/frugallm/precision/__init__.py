@@ -1,1 +1,25 @@
-"""Numerics: the FP8 fine-grained recipe and its backends."""
+"""Numerics: the FP8 fine-grained recipe and its backends (start with ``fp8.py``, which teaches the recipe)."""
+
+from frugallm.precision.backends import (
+    BACKENDS,
+    EmulatedBackend,
+    Fp8Backend,
+    HopperBackend,
+    hopper_unavailable_reason,
+    select_backend,
+)
+from frugallm.precision.fp8 import (
+    Fp8Recipe,
+    convert_to_fp8,
+    dequantize_weight_blocks,
+    fp8_module_names,
+)
+from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
+from frugallm.precision.quant import Fp8Tensor, dequantize, quantize, quantize_blocks, quantize_tiles
+
+__all__ = [
+    "BACKENDS", "EmulatedBackend", "Fp8Backend", "HopperBackend", "hopper_unavailable_reason",
+    "select_backend", "Fp8Recipe", "convert_to_fp8", "dequantize_weight_blocks", "fp8_module_names",
+    "Fp8GroupedExperts", "Fp8Linear", "Fp8Tensor", "dequantize", "quantize", "quantize_blocks",
+    "quantize_tiles",
+]
