@@ -28,7 +28,7 @@ dev: $(VENV)/.dev
 
 demo: $(VENV)/.installed
 	$(BIN)/frugallm train
-	$(BIN)/frugallm generate runs/default --prompt "def fibonacci(n):" --max-new-tokens 120
+	$(BIN)/frugallm generate runs/latest --prompt "def fibonacci(n):" --max-new-tokens 120
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest

@@ -68,11 +68,14 @@ def test_resume_reproduces_the_uninterrupted_run(corpus_dir, tmp_path) -> None:
 
 def test_short_run_loss_falls_and_files_are_well_formed(corpus_dir, tmp_path) -> None:
     run = tmp_path / "run"
-    res = Trainer(MICRO, _cfg(corpus_dir, time_budget_s=30.0, batch_size=8, eval_every_s=10.0, log_every=5),
+    # a 30-second budget; on a quiet 2-core machine the 60-step cap ends it first
+    res = Trainer(MICRO, _cfg(corpus_dir, time_budget_s=30.0, max_steps=60, batch_size=8, eval_every_s=5.0),
                   run, progress=False).run()
     losses = _losses(run)
+    assert len(losses) >= 8, f"only {len(losses)} steps in 30 s"
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.9 * first, (first, last)
+    assert res.final["val_loss"] < 0.85 * math.log(MICRO.vocab_size)  # far below a uniform guess
     assert res.elapsed_s <= 40
     records = read_metrics(run)
     for r in records:

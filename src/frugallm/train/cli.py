@@ -69,7 +69,7 @@ def _resolve_configs(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.activation_checkpointing:
         changes["activation_checkpointing"] = True
     if args.max_steps is not None or args.max_tokens is not None:
-        if args.time_budget is None:
+        if args.time_budget_s is None:
             changes["time_budget_s"] = None  # an explicit step/token horizon replaces the default budget
     return model_cfg, train_cfg.replace(**changes) if changes else train_cfg
 
@@ -129,7 +129,8 @@ def run_train(args: argparse.Namespace) -> int:
     console.print(f"cost: {c.get('device_hours', 0):.4f} {c.get('device_kind')}-hours   "
                   f"{c.get('achieved_tflops', 0):.3f} TFLOP/s achieved"
                   + (f"   MFU {mfu * 100:.1f}%" if mfu else "")
-                  + f"   ${c.get('cost_usd', 0):.4f} at ${c.get('price_per_device_hour', 0):.2f}/device-hour")
+                  + (f"   ${c['cost_usd']:.4f} at ${c['price_per_device_hour']:.2f}/device-hour"
+                     if c.get("cost_usd") is not None else "   (no price: pass --price-per-hour to count $)"))
     if (run_dir / "model").is_dir():
         from frugallm.train.sample import sample_text
 

@@ -17,7 +17,7 @@ from frugallm.errors import ConfigError
 from frugallm.train.config import TrainConfig
 
 
-def device_peak_and_price(device: torch.device, precision: str) -> tuple[str, float | None, float]:
+def device_peak_and_price(device: torch.device, precision: str) -> tuple[str, float | None, float | None]:
     """(device kind, peak FLOP/s per device in the run's compute dtype or None if unknown, $ per hour)."""
     from frugallm.cost import hardware
 
@@ -30,10 +30,10 @@ def device_peak_and_price(device: torch.device, precision: str) -> tuple[str, fl
             except ConfigError:
                 continue
             key = "fp8" if precision == "fp8" and spec.fp8_tflops else "bf16"
-            return spec.name, spec.peak_flops(key), spec.price_per_hour or 0.0
-        return name, None, 0.0  # a GPU the catalogue lacks: no MFU, no default price
-    # a CPU has no list price per hour: money is counted at --price-per-hour (default 0)
-    return "cpu", hardware.cpu_peak_flops(dtype), 0.0
+            return spec.name, spec.peak_flops(key), spec.price_per_hour
+        return name, None, None  # a GPU the catalogue lacks: no MFU, no default price
+    # a CPU has no list price per hour: money is counted only at a --price-per-hour the user gives
+    return "cpu", hardware.cpu_peak_flops(dtype), None
 
 
 class RateMeter:
@@ -57,7 +57,8 @@ class RateMeter:
         achieved = tps * self.flops_per_token / self.world_size
         out: dict[str, Any] = {"tokens_per_s": round(tps, 1), "tflops": round(achieved / 1e12, 4)}
         out["mfu"] = round(achieved / self.peak, 5) if self.peak else None
-        out["cost_usd"] = round(elapsed_s / 3600 * self.price * self.world_size, 6)
+        out["cost_usd"] = (round(elapsed_s / 3600 * self.price * self.world_size, 6)
+                           if self.price is not None else None)
         return out
 
     def cost_record(self, tokens: int, elapsed_s: float) -> dict[str, Any]:
