@@ -84,6 +84,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
                     ) -> dict[str, Any]:
+    from frugallm.train.dist_checkpoint import is_sharded, load_sharded_checkpoint
+
+    if is_sharded(path):  # written by a multi-process run: DCP reads it into this (plain) model
+        return load_sharded_checkpoint(path, model, optimizer)
     try:
         state = json.loads((path / STATE).read_text())
         tensors = load_file(str(path / "model.safetensors"))

@@ -18,7 +18,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
     ("--max-tokens", "max_tokens", float, "stop after this many training tokens (e.g. 2e6)"),
     ("--seed", "seed", int, "random seed (model init, data order)"),
-    ("--precision", "precision", str, "fp32 | bf16 | fp8 (default bf16)"),
+    ("--precision", "precision", str, "auto | fp32 | bf16 | fp8 (default auto: bf16 where it is faster)"),
     ("--fp8-backend", "fp8_backend", str, "auto | emulated | hopper"),
     ("--batch-size", "batch_size", int, "sequences per optimizer step, global"),
     ("--seq-len", "seq_len", int, "tokens per sequence"),
@@ -36,6 +36,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--log-every", "log_every", int, "steps between metric records"),
     ("--tokenizer", "tokenizer", str, "use this tokenizer.json instead of training one"),
     ("--text-field", "text_field", str, "JSON/parquet field holding the text (default text)"),
+    ("--ep", "ep", int, "expert-parallel processes: routed experts split across this many ranks (default 1)"),
+    ("--dp", "dp", int, "data-parallel size of the dp x ep mesh (default: processes / ep)"),
 ]
 
 
@@ -88,25 +90,38 @@ def _run_dir(args: argparse.Namespace) -> Path:
     return out
 
 
+def _launcher_command(nproc: int, argv: list[str]) -> list[str]:
+    """This command again, without --nproc, under torch's elastic launcher on this machine (--standalone picks
+    a free rendezvous port). Multi-node runs call torchrun directly (docs/scaling.md)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "frugallm", *rest]
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index("--nproc")
-        del argv[i : i + 2]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "frugallm", *argv]
-        return subprocess.call(cmd)
+        return subprocess.call(_launcher_command(args.nproc, sys.argv[1:]))
     from rich.console import Console
 
+    from frugallm.train.distributed import rank_errors
     from frugallm.train.loop import Trainer
 
-    model_cfg, train_cfg = _resolve_configs(args)
-    run_dir = _run_dir(args)
-    trainer = Trainer(model_cfg, train_cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-    console = Console()
-    if trainer.dist.is_main:
-        console.print(f"run directory: {run_dir}   device: {trainer.device}   precision: {train_cfg.precision}")
-    result = trainer.run()
+    with rank_errors():  # under torchrun, each rank's error carries its rank
+        model_cfg, train_cfg = _resolve_configs(args)
+        run_dir = _run_dir(args)
+        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+        console = Console()
+        if trainer.dist.is_main:
+            console.print(f"run directory: {run_dir}   device: {trainer.device}   precision: "
+                          f"{train_cfg.precision}   {trainer.dist.describe()}")
+        result = trainer.run()
     if not trainer.dist.is_main:
         return 0
     latest = run_dir.parent / "latest"

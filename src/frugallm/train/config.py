@@ -8,7 +8,7 @@ from typing import Any
 
 from frugallm.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "fp8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 @dataclass(kw_only=True)
@@ -37,9 +37,15 @@ class TrainConfig:
     balance_alpha: float = 1e-4
     bias_gamma: float = 1e-3
     # numerics and memory
-    precision: str = "bf16"  # fp32 | bf16 | fp8 (autocast bf16 around FP8 GEMMs)
+    # auto | fp32 | bf16 | fp8 (bf16 autocast around FP8 GEMMs). auto: bf16 on GPUs, and on CPUs whose
+    # measured bf16 matmul rate beats fp32 (AVX512-BF16/AMX); fp32 on CPUs that only emulate bf16 (AVX2)
+    precision: str = "auto"
     fp8_backend: str = "auto"
     activation_checkpointing: bool = False
+    # parallel layout over the processes torchrun starts (frugallm.train.distributed): world = dp x ep;
+    # every rank reads its own share of the batch, routed experts are split over ep ranks
+    ep: int = 1  # expert-parallel ranks
+    dp: int | None = None  # None: world_size / ep
     # horizon: the first limit reached ends the run; the schedule follows max_steps when given, else
     # max_tokens, else the time budget
     time_budget_s: float | None = 600.0
@@ -67,8 +73,10 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "lr", "log_every", "eval_windows",
                      "keep_checkpoints", "eval_every_s", "checkpoint_every_s"):
             positive(name)
-        for name in ("time_budget_s", "max_steps", "max_tokens", "price_per_hour", "threads"):
+        for name in ("time_budget_s", "max_steps", "max_tokens", "price_per_hour", "threads", "dp"):
             positive(name, allow_none=True)
+        if not isinstance(self.ep, int) or isinstance(self.ep, bool) or self.ep < 1:
+            raise ConfigError(f"ep must be a positive integer, got {self.ep!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
         if self.precision not in PRECISIONS:

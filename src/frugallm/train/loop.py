@@ -85,6 +85,35 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device computes it faster than fp32, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    fast = cpu_has_native_bf16()
+    if fast is None:  # no feature flags to read: compare the cached matmul probes
+        from frugallm.cost.hardware import cpu_peak_flops
+
+        fast = cpu_peak_flops("bf16") > 1.3 * cpu_peak_flops("fp32")
+    return "bf16" if fast else "fp32"
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """True where the CPU has bf16 matmul instructions (x86 AVX512-BF16 or AMX, Arm BF16), False where it
+    has none (bf16 is then emulated, about 10x slower than fp32 on an AVX2 EPYC, measured here), None if
+    /proc/cpuinfo is not there to tell."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return None
+
+
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -107,10 +136,12 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.progress = progress
-        self.dist = dist or Dist.from_env()
+        self.dist = dist or Dist.from_env(dp=cfg.dp, ep=cfg.ep)
+        self.dist.check(model_cfg, cfg.batch_size, cfg.grad_accum)
         self.device = self.dist.device if self.dist.world_size > 1 else pick_device(cfg.device)
         if self.device.type == "cpu" and cfg.threads:
             torch.set_num_threads(cfg.threads)
+        cfg = self.cfg = cfg.replace(precision=resolve_precision(cfg.precision, self.device))
         self.amp_dtype = None if cfg.precision == "fp32" else torch.bfloat16
         self.depth = model_cfg.num_nextn_predict_layers
 
@@ -127,10 +158,14 @@ class Trainer:
     def _prepare_data(self):  # type: ignore[no-untyped-def]
         from frugallm.data.pack import prepare_corpus
 
+        if not self.dist.is_main:
+            self.dist.barrier()  # rank 0 builds the shared cache first; the others then read it
         corpus = prepare_corpus(self.cfg.data, vocab_size=self.model_cfg.vocab_size,
                                 tokenizer_path=self.cfg.tokenizer, text_field=self.cfg.text_field,
                                 val_fraction=self.cfg.val_fraction, progress=self.progress and self.dist.is_main,
                                 cache_dir=self.run_dir.parent / ".cache" / "data")
+        if self.dist.is_main:
+            self.dist.barrier()
         if corpus.vocab_size > self.model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {corpus.vocab_size} tokens but the model's vocab_size is "
                               f"{self.model_cfg.vocab_size}; raise vocab_size")
@@ -205,7 +240,12 @@ class Trainer:
         if self.resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is not None:
-                state = load_checkpoint(ckpt, self.dist.unwrap(model), optimizer)
+                if self.dist.world_size > 1:  # into the shards, from a checkpoint of any layout
+                    from frugallm.train.dist_checkpoint import load_any_checkpoint
+
+                    state = load_any_checkpoint(ckpt, model, optimizer)
+                else:
+                    state = load_checkpoint(ckpt, self.dist.unwrap(model), optimizer)
                 loader.load_state_dict(state["loader"])
                 step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         metrics = MetricsWriter(self.run_dir, enabled=is_main)
@@ -221,7 +261,8 @@ class Trainer:
         ui.start(bar_total, step)
         model.train()
         with _Stop() as stop:
-            while not self._done(step, tokens, elapsed_before + time.perf_counter() - start):
+            # clock- and signal-driven decisions are agreed by all ranks (Dist.any), or their collectives part ways
+            while not self.dist.any(self._done(step, tokens, elapsed_before + time.perf_counter() - start)):
                 t0 = time.perf_counter()
                 elapsed = elapsed_before + t0 - start
                 lr = wsd_lr(cfg, step, self._progress_fraction(step, tokens, elapsed))
@@ -267,15 +308,17 @@ class Trainer:
                     metrics.write(rec)
                     ui.update(step, rec)
                 now = time.perf_counter()
-                if now - last_eval >= cfg.eval_every_s:
+                if stop_after_step is not None and step >= stop_after_step:
+                    stop.requested = True
+                eval_due, ckpt_due, stop.requested = self.dist.any_each(
+                    now - last_eval >= cfg.eval_every_s, now - last_ckpt >= cfg.checkpoint_every_s, stop.requested)
+                if eval_due:
                     ev = evaluate(self.dist.unwrap(model), corpus, seq_len=cfg.seq_len, batch=micro,
                                   max_windows=cfg.eval_windows, device=self.device, autocast_dtype=self.amp_dtype)
                     metrics.write({"step": step, "tokens": tokens, **ev})
                     ui.note(f"step {step}: val_loss {ev['val_loss']:.4f}  val_bpb {ev['val_bpb']:.3f}")
                     last_eval = time.perf_counter()
-                if stop_after_step is not None and step >= stop_after_step:
-                    stop.requested = True
-                if stop.requested or now - last_ckpt >= cfg.checkpoint_every_s:
+                if stop.requested or ckpt_due:
                     self._checkpoint(step, tokens, elapsed_before + now - start, model, optimizer, loader)
                     last_ckpt = time.perf_counter()
                 if stop.requested:
@@ -294,18 +337,28 @@ class Trainer:
         metrics.close()
         result.final = final
         result.cost = meter.cost_record(tokens, elapsed)
+        export = self.dist.gather_model(model)  # collective; the full model on rank 0 only
         if is_main:
             from frugallm.cost.report import write_cost_json
 
             write_cost_json(self.run_dir, result.cost)
             write_plots(self.run_dir)
-            self._export(model)
+            self._export(export)
         self.dist.barrier()
         return result
 
     def _checkpoint(self, step: int, tokens: int, elapsed: float, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, loader: Any) -> None:
-        if not self.dist.is_main or step == 0:
+        if step == 0:
+            return
+        if self.dist.world_size > 1:  # every rank writes its shards
+            from frugallm.train.dist_checkpoint import save_sharded_checkpoint
+
+            save_sharded_checkpoint(self.run_dir, step, model, optimizer,
+                                    {"tokens": tokens, "elapsed_s": elapsed, "loader": loader.state_dict()},
+                                    self.dist, keep=self.cfg.keep_checkpoints)
+            return
+        if not self.dist.is_main:
             return
         save_checkpoint(self.run_dir, step, self.dist.unwrap(model), optimizer,
                         {"tokens": tokens, "elapsed_s": elapsed, "loader": loader.state_dict()},
