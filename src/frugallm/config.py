@@ -318,7 +318,11 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 
 def model_config_from_table(table: dict[str, Any], where: str = "config") -> ModelConfig:
+    """A ``[model]`` table: optionally ``preset = NAME``, then field overrides. TOML has no null, so fields
+    set to None are listed in ``unset = [...]`` (as a run's config.toml writes them)."""
     table = dict(table)
+    for key in table.pop("unset", []):
+        table[key] = None
     name = table.pop("preset", None)
     base = preset(name).to_dict() if name else {}
     base.update(table)

@@ -44,7 +44,7 @@ def read_run_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
     unknown = sorted(set(data) - {"model", "train"})
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; allowed: model, train")
-    model = model_config_from_table(_untable(data.get("model", {"preset": "tiny"})), where=str(path))
+    model = model_config_from_table(data.get("model", {"preset": "tiny"}), where=str(path))
     try:
         train = TrainConfig.from_dict(_untable(data.get("train", {})))
     except ConfigError as e:

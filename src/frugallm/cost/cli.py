@@ -1,0 +1,520 @@
+"""``frugallm cost`` (training: FLOPs, GPU-hours, dollars, MFU) and ``frugallm cost serve`` (dollars per million
+tokens, self-hosting against API prices). Each computes one JSON record (``--json`` prints it; the field
+names are documented in docs/costs.md and stay stable) and renders the same record as a table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from frugallm.config import PRESETS, ModelConfig, load_model_config, preset
+from frugallm.cost.flops import (
+    decode_flops_per_token,
+    forward_flops_per_token,
+    prefill_flops_per_token,
+    six_n_estimate,
+    train_flops_per_token,
+)
+from frugallm.cost.hardware import Device, get_device
+from frugallm.cost.memory import format_bytes, kv_cache_bytes_per_token, weight_bytes
+from frugallm.cost.params import dense_width_for_params, param_counts
+from frugallm.cost.prices import load_prices
+from frugallm.cost.report import read_cost_json, run_model_config
+from frugallm.errors import ConfigError
+
+DAYS_PER_MONTH = 365 / 12
+
+
+# ----- validation and formatting ---------------------------------------------------------------------------
+def _positive(flag: str, value: float | None, *, upper: float | None = None) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or value <= 0 or (upper is not None and value > upper):
+        bound = f" and at most {upper:g}" if upper is not None else ""
+        raise ConfigError(f"{flag} must be a positive number{bound}, got {value:g}")
+
+
+def _si(n: float, digits: int = 2) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.{digits}f}{unit}"
+    return f"{n:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def _usd(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 1e6:
+        return f"${x / 1e6:,.3f}M"
+    if abs(x) >= 1e4:
+        return f"${x:,.0f}"
+    return f"${x:,.2f}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%" if x >= 1e-3 else f"{100 * x:.2g}%"
+
+
+def _flop(x: float) -> str:
+    for unit, div in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= div:
+            return f"{x / div:.2f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def _console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # pipes and files: do not wrap notes at 80 columns
+        console = Console(width=max(console.width, 130))
+    return console
+
+
+def _resolve_model(args: argparse.Namespace) -> tuple[ModelConfig, str]:
+    if args.config and args.preset:
+        raise ConfigError("give either --preset or --config, not both")
+    if args.config:
+        return load_model_config(args.config), str(args.config)
+    if args.preset:
+        return preset(args.preset), args.preset
+    if getattr(args, "from_run", None):
+        return run_model_config(args.from_run), f"{args.from_run}"
+    raise ConfigError(f"a model is required: --preset NAME ({', '.join(PRESETS)}) or --config PATH")
+
+
+def _price(flag_price: float | None, device: Device) -> float:
+    if flag_price is not None:
+        return flag_price
+    if device.price_per_hour is None:
+        raise ConfigError(f"the catalogue has no default price for {device.key}; pass --price USD_PER_HOUR")
+    return device.price_per_hour
+
+
+# ----- training --------------------------------------------------------------------------------------------
+def _dense_twin(cfg: ModelConfig, target: int) -> ModelConfig:
+    dense = cfg.replace(ffn="dense")
+    return dense.replace(intermediate_size=dense_width_for_params(dense, target))
+
+
+def _model_figures(cfg: ModelConfig, seq_len: int, tokens: float) -> dict[str, Any]:
+    counts = param_counts(cfg)
+    per_token = train_flops_per_token(cfg, seq_len)
+    return {
+        "params_total": counts.total, "params_active": counts.active, "params_mtp": counts.mtp,
+        "params_embedding": counts.embedding, "params_output_head": counts.output_head,
+        "forward_flops_per_token": forward_flops_per_token(cfg, seq_len, include_mtp=True),
+        "train_flops_per_token": per_token, "six_n_flops_per_token": six_n_estimate(cfg),
+        "total_flops": per_token * tokens, "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, "bf16"),
+    }
+
+
+def training_estimate(cfg: ModelConfig, *, model: str, tokens: float, seq_len: int, gpu: str | None = None,
+                      price: float | None = None, mfu: float | None = None, gpu_hours: float | None = None,
+                      from_run: str | Path | None = None, precision: str = "bf16", gpus: int | None = None,
+                      vs_dense: bool = False, hardware_file: str | None = None) -> dict[str, Any]:
+    """The record ``frugallm cost`` prints. At most one of ``mfu``, ``gpu_hours``, ``from_run`` turns FLOPs
+    into GPU-hours; with none only the model's figures are filled in."""
+    _positive("--tokens", tokens)
+    _positive("--mfu", mfu, upper=1.0)
+    _positive("--gpu-hours", gpu_hours)
+    _positive("--price", price)
+    _positive("--gpus", gpus)
+    if sum(x is not None for x in (mfu, gpu_hours, from_run)) > 1:
+        raise ConfigError("give at most one of --mfu, --gpu-hours, --from-run")
+    rec: dict[str, Any] = {"model": model, "seq_len": seq_len, "tokens": tokens, "precision": precision,
+                           **_model_figures(cfg, seq_len, tokens)}
+    total = rec["total_flops"]
+    run = read_cost_json(from_run) if from_run is not None else None
+    run_device = _run_device(run, hardware_file) if run is not None else None
+    device = get_device(gpu, hardware_file) if gpu is not None else run_device
+    if run is not None and device is None:
+        gpu = run["device_kind"]  # a CPU or a GPU the catalogue lacks: extrapolate on it as measured
+    rec.update(gpu=device.key if device else gpu, gpu_name=device.name if device else gpu,
+               peak_tflops=device.peak_flops(precision) / 1e12 if device else None, mfu=None,
+               mfu_source=None, gpu_hours=None, price_per_gpu_hour=None, cost_usd=None,
+               tokens_per_second_per_gpu=None, achieved_tflops_per_gpu=None, gpus=gpus, wall_days=None,
+               from_run=None, vs_dense=None)
+    if (mfu is not None or gpu_hours is not None) and device is None:
+        raise ConfigError("--gpu is required with --mfu or --gpu-hours (e.g. --gpu h800)")
+    rate = None  # achieved FLOP/s per device
+    if mfu is not None:
+        assert device is not None
+        rate, rec["mfu"], rec["mfu_source"] = mfu * device.peak_flops(precision), mfu, "given"
+    elif gpu_hours is not None:
+        assert device is not None
+        rate = total / (gpu_hours * 3600)
+        rec["mfu"], rec["mfu_source"] = rate / device.peak_flops(precision), "implied"
+    elif run is not None:
+        measured = run["achieved_tflops"] * 1e12
+        same_device = device is None or (run_device is not None and device.key == run_device.key)
+        if same_device:
+            rate = measured
+            rec["mfu"] = run.get("mfu")
+        else:  # another GPU: keep the run's utilisation, scale by the peak
+            if not run.get("mfu"):
+                raise ConfigError(f"{from_run}/cost.json has no mfu to carry over to {device.key}; "
+                                  f"omit --gpu to extrapolate on the run's own device ({run['device_kind']})")
+            rate = run["mfu"] * device.peak_flops(precision)
+            rec["mfu"] = run["mfu"]
+        rec["mfu_source"] = "measured"
+        rec["from_run"] = {"path": str(from_run), "device_kind": run["device_kind"],
+                           "achieved_tflops": run["achieved_tflops"], "mfu": run.get("mfu"),
+                           "tokens_per_second": run["tokens_per_second"], "tokens": run["tokens"],
+                           "device_count": run["device_count"], "same_device": same_device}
+    if rate is not None:
+        hours = gpu_hours if gpu_hours is not None else total / rate / 3600
+        if price is None and run is not None and rec["from_run"]["same_device"]:
+            price = run.get("price_per_device_hour")  # the price the run was configured with
+        if price is None:
+            if device is None:
+                raise ConfigError(f"{from_run}/cost.json has no price_per_device_hour; pass --price")
+            price = _price(None, device)
+        rec.update(gpu_hours=hours, price_per_gpu_hour=price, cost_usd=hours * price,
+                   tokens_per_second_per_gpu=tokens / (hours * 3600), achieved_tflops_per_gpu=rate / 1e12)
+        if gpus:
+            rec["wall_days"] = hours / gpus / 24
+    if vs_dense:
+        rec["vs_dense"] = _vs_dense(cfg, seq_len, tokens, rate, rec["price_per_gpu_hour"], rec)
+    return rec
+
+
+def _run_device(run: dict[str, Any], hardware_file: str | None) -> Device | None:
+    """The catalogue entry of the device a run measured on (its key or display name), None for a CPU or
+    a device the catalogue lacks."""
+    try:
+        return get_device(str(run["device_kind"]), hardware_file)
+    except ConfigError:
+        return None
+
+
+def _vs_dense(cfg: ModelConfig, seq_len: int, tokens: float, rate: float | None, price: float | None,
+              moe: dict[str, Any]) -> dict[str, Any]:
+    """Dense twins (same attention, every FFN dense) with the MoE's total and active parameters, costed at
+    the same achieved FLOP/s, so the ratios are the MoE's saving."""
+    if cfg.ffn != "moe":
+        raise ConfigError("--vs-dense compares an MoE model with dense twins; this model is already dense")
+    counts = param_counts(cfg)
+    out: dict[str, Any] = {}
+    for key, target in (("same_total", counts.total), ("same_active", counts.active)):
+        twin = _dense_twin(cfg, target)
+        fig = _model_figures(twin, seq_len, tokens)
+        fig["intermediate_size"] = twin.intermediate_size
+        fig["gpu_hours"] = None if rate is None else fig["total_flops"] / rate / 3600
+        fig["cost_usd"] = None if fig["gpu_hours"] is None or price is None else fig["gpu_hours"] * price
+        fig["flops_ratio_vs_moe"] = fig["total_flops"] / moe["total_flops"]
+        out[key] = fig
+    return out
+
+
+def _render_training(rec: dict[str, Any]) -> None:
+    console = _console()
+    where = f" on {rec['gpu_name']}" if rec["gpu_name"] else ""
+    table = Table(title=f"frugallm cost: {rec['model']}, {_si(rec['tokens'])} tokens at seq_len "
+                        f"{rec['seq_len']}{where}")
+    for col, just in (("field", "left"), ("value", "right"), ("how", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    act_ne = rec["six_n_flops_per_token"] / 6
+    table.add_row("params_total", _si(rec["params_total"]), f"{rec['params_total']:,}; MTP modules add "
+                  f"{_si(rec['params_mtp'])}")
+    table.add_row("params_active", _si(rec["params_active"]), f"{rec['params_active']:,} per token, "
+                  "embedding included")
+    table.add_row("train_flops_per_token", _flop(rec["train_flops_per_token"]),
+                  "3 x forward matmuls: causal attention at seq_len, router, experts, MTP")
+    table.add_row("six_n_flops_per_token", _flop(rec["six_n_flops_per_token"]),
+                  f"6 x {_si(act_ne)} active non-embedding params; exact / 6N = "
+                  f"{rec['train_flops_per_token'] / rec['six_n_flops_per_token']:.3f}")
+    table.add_row("total_flops", f"{rec['total_flops']:.4g}", "train_flops_per_token x tokens")
+    table.add_row("kv_cache_bytes_per_token", f"{rec['kv_cache_bytes_per_token']:,} B", "bf16, all layers")
+    if rec["gpu_hours"] is not None:
+        src = {"given": "from --mfu", "implied": "given", "measured": "at the run's measured rate"}
+        table.add_row("gpu_hours", _si(rec["gpu_hours"], 3), src[rec["mfu_source"]])
+        table.add_row("cost_usd", _usd(rec["cost_usd"]), f"at {_usd(rec['price_per_gpu_hour'])} per GPU-hour")
+        mfu = "-" if rec["mfu"] is None else _pct(rec["mfu"])
+        peak = f" of {rec['peak_tflops']:,.0f} ({rec['precision']} peak)" if rec["peak_tflops"] else ""
+        table.add_row("mfu", mfu, f"{rec['mfu_source']}: {rec['achieved_tflops_per_gpu']:,.1f} TFLOP/s "
+                      f"per GPU{peak}")
+        table.add_row("tokens_per_second_per_gpu", f"{rec['tokens_per_second_per_gpu']:,.0f}", "")
+        if rec["wall_days"] is not None:
+            table.add_row("wall_days", f"{rec['wall_days']:,.1f}", f"on {rec['gpus']:,} GPUs")
+    console.print(table)
+    if rec["gpu_hours"] is None:
+        console.print("GPU-hours and dollars: pass --gpu NAME with --mfu X or --gpu-hours H, or --from-run DIR")
+    if rec["vs_dense"]:
+        dense = Table(title="MoE against dense twins (same attention, dense FFN in every layer)")
+        for col in ("field", "moe", "dense, same total", "dense, same active"):
+            dense.add_column(col, justify="left" if col == "field" else "right")
+        st, sa = rec["vs_dense"]["same_total"], rec["vs_dense"]["same_active"]
+        dense.add_row("params_total", _si(rec["params_total"]), _si(st["params_total"]), _si(sa["params_total"]))
+        dense.add_row("params_active", _si(rec["params_active"]), _si(st["params_active"]),
+                      _si(sa["params_active"]))
+        dense.add_row("train_flops_per_token", _flop(rec["train_flops_per_token"]),
+                      _flop(st["train_flops_per_token"]), _flop(sa["train_flops_per_token"]))
+        dense.add_row("flops_ratio_vs_moe", "1.00", f"{st['flops_ratio_vs_moe']:.2f}",
+                      f"{sa['flops_ratio_vs_moe']:.2f}")
+        if rec["gpu_hours"] is not None:
+            dense.add_row("gpu_hours", _si(rec["gpu_hours"], 3), _si(st["gpu_hours"], 3), _si(sa["gpu_hours"], 3))
+            dense.add_row("cost_usd", _usd(rec["cost_usd"]), _usd(st["cost_usd"]), _usd(sa["cost_usd"]))
+        console.print(dense)
+
+
+def run_cost_train(args: argparse.Namespace) -> int:
+    if args.tokens is None:
+        raise ConfigError("--tokens is required: the number of tokens to train (e.g. 14.8e12)")
+    cfg, label = _resolve_model(args)
+    seq_len = args.seq_len
+    if seq_len is None:
+        seq_len = 4096
+        if args.from_run:
+            seq_len = int(read_cost_json(args.from_run).get("seq_len") or seq_len)
+    if seq_len < 1:
+        raise ConfigError(f"--seq-len must be a positive integer, got {seq_len}")
+    rec = training_estimate(cfg, model=label, tokens=args.tokens, seq_len=seq_len, gpu=args.gpu,
+                            price=args.price, mfu=args.mfu, gpu_hours=args.gpu_hours, from_run=args.from_run,
+                            precision=args.precision, gpus=args.gpus, vs_dense=args.vs_dense,
+                            hardware_file=args.hardware_file)
+    if args.json:
+        print(json.dumps(rec, indent=2))
+    else:
+        _render_training(rec)
+    return 0
+
+
+# ----- serving ---------------------------------------------------------------------------------------------
+def _read_benchmark(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"benchmark file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON: {e}") from None
+    out_tps = data.get("output_tokens_per_second", data.get("tokens_per_second"))
+    if out_tps is None:
+        raise ConfigError(f"{p}: needs output_tokens_per_second (or tokens_per_second)")
+    n = data.get("device_count", 1)
+    _positive(f"{p.name} device_count", n)
+    _positive(f"{p.name} output_tokens_per_second", out_tps)
+    in_tps = data.get("input_tokens_per_second")
+    _positive(f"{p.name} input_tokens_per_second", in_tps)
+    return {"output": out_tps / n, "input": None if in_tps is None else in_tps / n,
+            "device_kind": data.get("device_kind")}
+
+
+def serving_estimate(cfg: ModelConfig, *, model: str, gpu: str, tokens_per_second: float,
+                     input_tokens_per_second: float | None = None, price: float | None = None,
+                     devices: int | None = None, weights_dtype: str = "bf16", context_len: int | None = None,
+                     daily_tokens: float | None = None, daily_input_tokens: float = 0.0,
+                     cache_hit_share: float = 0.0, device_price: float | None = None,
+                     amortise_months: float = 36.0, hardware_file: str | None = None,
+                     prices_file: str | None = None) -> dict[str, Any]:
+    """The record ``frugallm cost serve`` prints. Throughputs are per device; ``context_len`` defaults to
+    4096 or the model's maximum, whichever is smaller."""
+    if context_len is None:
+        context_len = min(4096, cfg.max_position_embeddings)
+    _positive("--tokens-per-second", tokens_per_second)
+    _positive("--input-tokens-per-second", input_tokens_per_second)
+    _positive("--price", price)
+    _positive("--devices", devices)
+    _positive("--context-len", context_len)
+    _positive("--daily-tokens", daily_tokens)
+    _positive("--device-price", device_price)
+    _positive("--amortise-months", amortise_months)
+    if daily_input_tokens < 0 or not math.isfinite(daily_input_tokens):
+        raise ConfigError(f"--daily-input-tokens must be >= 0, got {daily_input_tokens:g}")
+    if not 0 <= cache_hit_share <= 1:
+        raise ConfigError(f"--cache-hit-share must be in [0, 1], got {cache_hit_share:g}")
+    device = get_device(gpu, hardware_file)
+    price = _price(price, device)
+    wbytes = weight_bytes(cfg, weights_dtype, include_mtp=False)
+    min_devices = math.ceil(wbytes / (device.memory_gb * 1e9))
+    if devices is not None and devices < min_devices:
+        raise ConfigError(f"--devices {devices} cannot hold the {weights_dtype} weights ({format_bytes(wbytes)} "
+                          f"> {devices} x {device.memory_gb:g} GB); at least {min_devices} {device.key} needed")
+    devices = devices or min_devices
+    decode = decode_flops_per_token(cfg, context_len)
+    rec: dict[str, Any] = {
+        "model": model, "gpu": device.key, "gpu_name": device.name, "price_per_gpu_hour": price,
+        "weights_dtype": weights_dtype, "weight_bytes": wbytes, "devices_per_replica": devices,
+        "context_len": context_len, "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, "bf16"),
+        "decode_flops_per_token": decode, "prefill_flops_per_token": prefill_flops_per_token(cfg, context_len),
+        "output_tokens_per_second_per_gpu": tokens_per_second,
+        "input_tokens_per_second_per_gpu": input_tokens_per_second,
+        "decode_mfu": tokens_per_second * decode / device.peak_flops("bf16"),
+        "usd_per_million_output": price / (tokens_per_second * 3600) * 1e6,
+        "usd_per_million_input": (None if input_tokens_per_second is None
+                                  else price / (input_tokens_per_second * 3600) * 1e6),
+        "daily": None,
+    }
+    if daily_tokens is None:
+        return rec
+    # device-seconds a day: decoding the output, and prefilling the input that misses the prefix cache
+    busy = daily_tokens / tokens_per_second
+    if input_tokens_per_second is not None:
+        busy += daily_input_tokens * (1 - cache_hit_share) / input_tokens_per_second
+    replicas = max(1, math.ceil(busy / (86400 * devices)))
+    fleet = replicas * devices
+    rent_daily = fleet * price * 24
+    hardware_total = None if device_price is None else fleet * device_price
+    api = []
+    for p in load_prices(prices_file).values():
+        daily = p.cost_usd(daily_input_tokens, daily_tokens, cache_hit_share)
+        monthly = daily * DAYS_PER_MONTH
+        api.append({"key": p.key, "provider": p.provider, "model": p.model, "valid_from": p.valid_from,
+                    "valid_until": p.valid_until or None, "daily_usd": daily, "monthly_usd": monthly,
+                    "yearly_usd": daily * 365, "rent_vs_api": rent_daily / daily if daily else None,
+                    "break_even_months": (hardware_total / monthly if hardware_total is not None and monthly
+                                          else None)})
+    rec["daily"] = {
+        "output_tokens": daily_tokens, "input_tokens": daily_input_tokens, "cache_hit_share": cache_hit_share,
+        "input_compute_counted": input_tokens_per_second is not None,
+        "replicas": replicas, "devices": fleet, "utilisation": busy / (86400 * fleet),
+        "self_hosted": {"daily_usd": rent_daily, "monthly_usd": rent_daily * DAYS_PER_MONTH,
+                        "yearly_usd": rent_daily * 365},
+        "hardware": None if hardware_total is None else {
+            "device_price_usd": device_price, "total_usd": hardware_total, "amortise_months": amortise_months,
+            "monthly_usd": hardware_total / amortise_months},
+        "api": api,
+    }
+    return rec
+
+
+def _render_serving(rec: dict[str, Any]) -> None:
+    console = _console()
+    table = Table(title=f"frugallm cost serve: {rec['model']} on {rec['gpu_name']} at "
+                        f"{_usd(rec['price_per_gpu_hour'])} per GPU-hour")
+    for col, just in (("field", "left"), ("value", "right"), ("how", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    table.add_row("usd_per_million_output", _usd(rec["usd_per_million_output"]),
+                  f"{rec['output_tokens_per_second_per_gpu']:,.0f} output tokens/s per GPU")
+    if rec["usd_per_million_input"] is None:
+        table.add_row("usd_per_million_input", "-", "pass --input-tokens-per-second (measured prefill rate)")
+    else:
+        table.add_row("usd_per_million_input", _usd(rec["usd_per_million_input"]),
+                      f"{rec['input_tokens_per_second_per_gpu']:,.0f} input tokens/s per GPU")
+    table.add_row("devices_per_replica", str(rec["devices_per_replica"]),
+                  f"{rec['weights_dtype']} weights {format_bytes(rec['weight_bytes'])}")
+    table.add_row("kv_cache_bytes_per_token", f"{rec['kv_cache_bytes_per_token']:,} B", "bf16, all layers")
+    table.add_row("decode_flops_per_token", _flop(rec["decode_flops_per_token"]),
+                  f"at context {rec['context_len']:,}; decode MFU {_pct(rec['decode_mfu'])}")
+    table.add_row("prefill_flops_per_token", _flop(rec["prefill_flops_per_token"]),
+                  f"prompt of {rec['context_len']:,} tokens")
+    console.print(table)
+    daily = rec["daily"]
+    if not daily:
+        return
+    hw = daily["hardware"]
+    cmp = Table(title=f"{_si(daily['output_tokens'])} output + {_si(daily['input_tokens'])} input tokens a day "
+                      f"({100 * daily['cache_hit_share']:.0f}% cache hits): self-hosted on {daily['devices']} "
+                      f"{rec['gpu']} ({100 * daily['utilisation']:.1f}% busy) against APIs")
+    for col in ("provider / model", "daily", "monthly", "yearly", "self-hosted (rent) / API", "break-even months"):
+        cmp.add_column(col, justify="left" if col.startswith("provider") else "right")
+    sh = daily["self_hosted"]
+    cmp.add_row("self-hosted, rented", _usd(sh["daily_usd"]), _usd(sh["monthly_usd"]), _usd(sh["yearly_usd"]),
+                "1.00", "-")
+    if hw:
+        cmp.add_row(f"self-hosted, bought (amortised over {hw['amortise_months']:g} months)",
+                    _usd(hw["monthly_usd"] * 12 / 365), _usd(hw["monthly_usd"]), _usd(hw["monthly_usd"] * 12),
+                    "-", "-")
+    for a in daily["api"]:
+        period = f"from {a['valid_from']}" + (f" to {a['valid_until']}" if a["valid_until"] else "")
+        be = "-" if a["break_even_months"] is None else f"{a['break_even_months']:,.1f}"
+        ratio = "-" if a["rent_vs_api"] is None else f"{a['rent_vs_api']:,.2f}"
+        cmp.add_row(f"{a['provider']} {a['model']} ({period})", _usd(a["daily_usd"]), _usd(a["monthly_usd"]),
+                    _usd(a["yearly_usd"]), ratio, be)
+    console.print(cmp)
+    if not daily["input_compute_counted"] and daily["input_tokens"]:
+        console.print("input prefill is not counted in the fleet size: pass --input-tokens-per-second")
+    if not hw:
+        console.print("break-even months: pass --device-price USD (purchase price per device)")
+
+
+def run_cost_serve(args: argparse.Namespace) -> int:
+    cfg, label = _resolve_model(args)
+    tps, in_tps, gpu = args.tokens_per_second, args.input_tokens_per_second, args.gpu
+    if args.from_benchmark:
+        if tps is not None:
+            raise ConfigError("give either --tokens-per-second or --from-benchmark, not both")
+        bench = _read_benchmark(args.from_benchmark)
+        tps = bench["output"]
+        in_tps = in_tps if in_tps is not None else bench["input"]
+        gpu = gpu or bench["device_kind"]
+    if tps is None:
+        raise ConfigError("a decode rate is required: --tokens-per-second T (output tokens/s per GPU) "
+                          "or --from-benchmark FILE")
+    if gpu is None:
+        raise ConfigError("--gpu is required (e.g. --gpu h800)")
+    rec = serving_estimate(cfg, model=label, gpu=gpu, tokens_per_second=tps, input_tokens_per_second=in_tps,
+                           price=args.price, devices=args.devices, weights_dtype=args.weights_dtype,
+                           context_len=args.context_len, daily_tokens=args.daily_tokens,
+                           daily_input_tokens=args.daily_input_tokens, cache_hit_share=args.cache_hit_share,
+                           device_price=args.device_price, amortise_months=args.amortise_months,
+                           hardware_file=args.hardware_file, prices_file=args.prices_file)
+    if args.json:
+        print(json.dumps(rec, indent=2))
+    else:
+        _render_serving(rec)
+    return 0
+
+
+# ----- argparse ----------------------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--config", default=None, help="a frugallm TOML, a Hugging Face config.json, or a directory")
+    p.add_argument("--gpu", default=None, help="device from the hardware catalogue (h800, h100-sxm, h200, b200, "
+                   "a100-80gb, mi300x, gaudi3, or one of --hardware-file)")
+    p.add_argument("--price", type=float, default=None,
+                   help="USD per device-hour (default: the catalogue's price for --gpu)")
+    p.add_argument("--hardware-file", default=None, help="TOML adding or overriding hardware entries")
+    p.add_argument("--json", action="store_true", help="print the record as JSON (fields in docs/costs.md)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cost", help="FLOPs, memory, GPU-hours and dollars of training (and `cost serve`)",
+                       description="What training a model costs: parameters, FLOPs per token, GPU-hours, "
+                       "dollars and MFU. `frugallm cost serve -h` for serving.")
+    _add_common(p)
+    p.add_argument("--tokens", type=float, default=None, help="tokens to train (e.g. 14.8e12)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="training sequence length in tokens (default 4096, or the run's with --from-run)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation, a fraction in (0, 1]")
+    how.add_argument("--gpu-hours", type=float, default=None,
+                     help="GPU-hours spent; the MFU they imply is shown")
+    how.add_argument("--from-run", default=None, metavar="RUN_DIR",
+                     help="extrapolate from the measured rate in RUN_DIR/cost.json")
+    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                   help="which dense peak TFLOP/s the MFU is measured against (default bf16)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs in the cluster, for wall-clock days")
+    p.add_argument("--vs-dense", action="store_true",
+                   help="also cost dense twins with the same total and the same active parameters")
+    p.set_defaults(func=run_cost_train)
+
+    cost_sub = p.add_subparsers(dest="cost_command", metavar="[serve]", required=False)
+    s = cost_sub.add_parser("serve", help="dollars per million tokens served, and self-hosting against APIs")
+    _add_common(s)
+    s.add_argument("--tokens-per-second", type=float, default=None,
+                   help="measured output (decode) tokens per second per GPU")
+    s.add_argument("--from-benchmark", default=None, metavar="FILE",
+                   help="JSON with output_tokens_per_second [, input_tokens_per_second, device_count, device_kind]")
+    s.add_argument("--input-tokens-per-second", type=float, default=None,
+                   help="measured input (prefill) tokens per second per GPU")
+    s.add_argument("--devices", type=int, default=None,
+                   help="GPUs per replica (default: the fewest that hold the weights)")
+    s.add_argument("--weights-dtype", choices=("bf16", "fp8", "fp32"), default="bf16",
+                   help="dtype of the served weights (fp8 with 128x128 block scales)")
+    s.add_argument("--context-len", type=int, default=None,
+                   help="context length in tokens for the FLOP figures (default 4096, or the model's maximum)")
+    s.add_argument("--daily-tokens", type=float, default=None, help="output tokens served per day")
+    s.add_argument("--daily-input-tokens", type=float, default=0.0, help="input tokens per day (default 0)")
+    s.add_argument("--cache-hit-share", type=float, default=0.0,
+                   help="fraction of input tokens served from a prefix cache, in [0, 1]")
+    s.add_argument("--device-price", type=float, default=None, help="purchase price per GPU in USD")
+    s.add_argument("--amortise-months", type=float, default=36.0,
+                   help="months over which bought hardware is amortised (default 36)")
+    s.add_argument("--prices-file", default=None, help="TOML adding or overriding API prices")
+    s.set_defaults(func=run_cost_serve)

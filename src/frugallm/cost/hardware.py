@@ -1,0 +1,199 @@
+"""The accelerator catalogue (``hardware.toml``, each entry with its source and date), user overrides, and the
+CPU's peak FLOP/s measured once by a matmul probe and cached.
+
+A user file has the catalogue's shape; its entries are merged field by field over the built-in ones, so
+``[h100-sxm] price_per_hour = 2.2`` changes only the price and ``[my-gpu] ...`` adds a device. It is given
+as ``hardware_file`` (the CLI's ``--hardware-file``) or the environment variable ``FRUGALLM_HARDWARE_FILE``.
+
+The CPU has no datasheet figure worth using, and its peak depends on the dtype (AVX512-BF16 runs bf16
+matmuls several times faster than fp32), so ``cpu_peak_flops(dtype)`` times square matmuls for well under
+3 s and caches the best rate in ``$FRUGALLM_CACHE_DIR/cpu_peak.json`` (default ``~/.cache/frugallm``),
+keyed by CPU model, thread count, torch version and dtype: change any of them and it measures again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from frugallm.config import read_toml
+from frugallm.errors import ConfigError
+
+HARDWARE_ENV = "FRUGALLM_HARDWARE_FILE"
+CACHE_ENV = "FRUGALLM_CACHE_DIR"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Device:
+    key: str
+    name: str
+    bf16_tflops: float
+    memory_gb: float
+    bandwidth_tbs: float
+    fp8_tflops: float | None = None
+    price_per_hour: float | None = None
+    aliases: tuple[str, ...] = ()
+    spec_source: str = ""
+    spec_date: str = ""
+    price_source: str = ""
+    price_date: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("bf16_tflops", "memory_gb", "bandwidth_tbs", "fp8_tflops", "price_per_hour"):
+            v = getattr(self, name)
+            if v is None and name in ("fp8_tflops", "price_per_hour"):
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"hardware entry [{self.key}]: {name} must be a positive number, got {v!r}")
+
+    def peak_flops(self, precision: str = "bf16") -> float:
+        """Dense peak FLOP/s at ``precision`` (bf16 or fp8)."""
+        if precision == "bf16":
+            return self.bf16_tflops * 1e12
+        if precision == "fp8":
+            if self.fp8_tflops is None:
+                raise ConfigError(f"{self.name} has no fp8 peak in the hardware catalogue; use --precision bf16")
+            return self.fp8_tflops * 1e12
+        raise ConfigError(f"precision must be bf16 or fp8, got {precision!r}")
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(" ", "-")
+
+
+def _builtin_table() -> dict[str, Any]:
+    with resources.as_file(resources.files("frugallm.cost") / "hardware.toml") as path:
+        return read_toml(path)
+
+
+def load_catalog(hardware_file: str | Path | None = None) -> dict[str, Device]:
+    """The built-in catalogue merged with ``hardware_file`` (or ``$FRUGALLM_HARDWARE_FILE``)."""
+    table = {k: dict(v) for k, v in _builtin_table().items()}
+    user = hardware_file or os.environ.get(HARDWARE_ENV)
+    if user:
+        for key, entry in read_toml(user).items():
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{user}: [{key}] must be a table of device fields")
+            table.setdefault(_normalise(key), {}).update(entry)
+    allowed = {f.name for f in fields(Device)} - {"key"}
+    catalog = {}
+    for key, entry in table.items():
+        unknown = sorted(set(entry) - allowed)
+        if unknown:
+            raise ConfigError(f"hardware entry [{key}]: unknown field(s) {', '.join(unknown)}; "
+                              f"allowed: {', '.join(sorted(allowed))}")
+        missing = [f for f in ("name", "bf16_tflops", "memory_gb", "bandwidth_tbs") if f not in entry]
+        if missing:
+            raise ConfigError(f"hardware entry [{key}]: missing {', '.join(missing)}")
+        entry = {**entry, "aliases": tuple(_normalise(a) for a in entry.get("aliases", ()))}
+        catalog[_normalise(key)] = Device(key=_normalise(key), **entry)
+    return catalog
+
+
+def get_device(name: str, hardware_file: str | Path | None = None) -> Device:
+    """A device by key, alias or display name, case-insensitive ('H800', 'h100', 'NVIDIA H100 SXM' ...)."""
+    catalog = load_catalog(hardware_file)
+    want = _normalise(name)
+    for key, dev in catalog.items():
+        if want == key or want in dev.aliases or want == _normalise(dev.name):
+            return dev
+    raise ConfigError(f"unknown GPU {name!r}; known: {', '.join(sorted(catalog))} "
+                      f"(add your own with --hardware-file or ${HARDWARE_ENV})")
+
+
+# ----- the CPU's peak, measured -------------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "frugallm")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def _probe(dtype: Any, budget_s: float) -> float:
+    """Best FLOP/s of square ``F.linear`` matmuls (the kernel the model's layers call) within about
+    ``budget_s`` seconds. Sizes grow from 256 while the next one is predicted to fit the budget, so a slow
+    dtype (bf16 without AVX512-BF16 runs at a few GFLOP/s) cannot overrun it. The best, not the mean: a
+    peak is what the hardware does when nothing else interferes."""
+    import torch
+    import torch.nn.functional as F
+
+    best, n = 0.0, 256
+    deadline = time.perf_counter() + budget_s
+    x = torch.randn(n, n).to(dtype)
+    spin = time.perf_counter() + budget_s / 10
+    while time.perf_counter() < spin:  # wake the thread pool and the BLAS up before timing anything
+        F.linear(x, x)
+    while n <= 4096:
+        x, w = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        F.linear(x, w)  # warm-up: the first call pays for packing and thread start-up
+        size_deadline = min(deadline, time.perf_counter() + budget_s / 3)
+        dt = float("inf")
+        for _ in range(50):
+            t0 = time.perf_counter()
+            F.linear(x, w)
+            dt = time.perf_counter() - t0
+            best = max(best, 2 * n**3 / dt)
+            if time.perf_counter() + dt > size_deadline:
+                break
+        if time.perf_counter() + 2 * 8 * dt > deadline:  # the next size costs 8x, warm-up included
+            break
+        n *= 2
+    return best
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cpu_peak_flops(dtype: Any = "fp32", *, refresh: bool = False, budget_s: float = 1.0) -> float:
+    """Peak matmul FLOP/s of this CPU in ``dtype`` ('fp32', 'bf16', or a torch dtype), measured once and
+    cached (module docstring). ``refresh`` measures again."""
+    import torch
+
+    from frugallm.cost.memory import dtype_name
+
+    name = dtype_name(dtype)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+    if torch_dtype is None:
+        raise ConfigError(f"the CPU probe supports fp32, bf16 and fp16, got {dtype!r}")
+    key = f"{cpu_model()} | threads={torch.get_num_threads()} | torch={torch.__version__} | {name}"
+    path = cache_dir() / "cpu_peak.json"
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        cache = {}  # a damaged cache is only a lost measurement
+    if not refresh and isinstance(cache.get(key), dict) and cache[key].get("flops", 0) > 0:
+        return float(cache[key]["flops"])
+    flops = _probe(torch_dtype, budget_s)
+    cache[key] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        _write_json_atomic(path, cache)
+    except OSError:
+        pass  # a read-only home still gets the figure, just not cached
+    return flops
+
+
+__all__ = ["CACHE_ENV", "HARDWARE_ENV", "Device", "cache_dir", "cpu_model", "cpu_peak_flops", "get_device",
+           "load_catalog"]
