@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,14 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
         state = json.loads((path / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
+    import torch.distributed as dist
+
     sds = _state_dicts(model, optimizer)
     try:
-        dcp.load(sds, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            # one process without a process group reads every chunk itself, as intended: no warning
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(sds, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except Exception as e:  # DCP wraps missing keys and shape mismatches in its own exceptions
         raise CheckpointError(f"{path}: cannot load this sharded checkpoint into the model "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); was it written "

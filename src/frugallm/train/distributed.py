@@ -36,6 +36,7 @@ collectives and hang.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -175,7 +176,9 @@ class Dist:
                     experts = fully_shard(module, mesh=self.mesh["dp"],
                                           reshard_after_forward=self.reshard_after_forward)
                     experts.set_gradient_divide_factor(float(self.world_size))
-                    if self.backend == "gloo" and self.dp > 1:  # gloo has no PREMUL_SUM: sum, then divide
+                    # gloo has no PREMUL_SUM: sum, then divide. Not with dp = 1, where torch 2.13 divides
+                    # twice when summing is forced (measured: expert gradients came out halved)
+                    if self.backend == "gloo" and self.dp > 1:
                         experts.set_force_sum_reduction_for_comms(True)
             head = getattr(block, "shared_head", None)
             if head is not None:
@@ -199,7 +202,14 @@ class Dist:
 
         from frugallm.model import build_model
 
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # experts sharded over dp and ep are gathered in two steps, which torch warns about on every rank
+        quiet = logging.getLogger("torch.distributed.tensor._redistribute")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        finally:
+            quiet.setLevel(level)
         if not self.is_main:
             return None
         plain = build_model(model.config, device="cpu", init=False)  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ rank sends, M pairs it receives.
     dispatch: all_to_all_single(xs), send splits = counts summed per destination rank,
               receive splits = recv summed per source rank          xr [M, H], by source, then by expert
     stable sort by local expert (source order kept inside an expert) xe [M, H], recv.sum(0) [E_l] per expert
-    run the local experts (GroupedExperts.run_sorted's kernels)      ye [M, H]
+    run the local experts (the replaced module's run_sorted)         ye [M, H]
     undo the sort; combine: all_to_all_single back, splits swapped   ys [P, H] in this rank's sorted order
     weight by the gates and sum per token (index_add_), as GroupedExperts does  -> [N, H]
 Nothing is dropped or padded: the splits are exactly what the router chose (dropless, variable sizes), and
@@ -35,7 +35,6 @@ node. ``max_ranks_per_token`` gives the bound for any layout and ``ranks_reached
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -87,7 +86,6 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"{self.n_experts} experts do not split over {self.ep_size} ranks")
         self.n_local = self.n_experts // self.ep_size
         self.group = ep_mesh.get_group()
-        self.use_grouped_mm = experts.use_grouped_mm
         lo = self.ep_rank * self.n_local
         # every rank built the same full layer from the same seed: keep our slice, no communication needed
         for name in ("gate_up_proj", "down_proj"):
@@ -95,6 +93,11 @@ class ExpertParallelExperts(nn.Module):
             local = full.detach()[lo:lo + self.n_local].clone()
             setattr(self, name, nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False),
                                              requires_grad=full.requires_grad))
+            delattr(experts, name)
+        # The replaced module still computes: its run_sorted (one matmul per expert, grouped_mm on CUDA, or
+        # FP8 GEMMs for Fp8GroupedExperts) runs on this rank's weights, lent to it for each call. It is kept
+        # unregistered and without parameters of its own, so names and state dicts see ours only.
+        object.__setattr__(self, "_kernel", experts)
 
     def _local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         gate_up, down = self.gate_up_proj, self.down_proj
@@ -120,10 +123,13 @@ class ExpertParallelExperts(nn.Module):
         perm = local_expert.argsort(stable=True)  # by expert, source order kept
         gate_up, down = self._local_weights()
         xe = xr[perm]  # [M, H]
-        # GroupedExperts' own kernels (one matmul per expert, or grouped_mm on CUDA) on the local weights
-        ye = GroupedExperts.run_sorted(SimpleNamespace(gate_up_proj=gate_up, down_proj=down,  # type: ignore[arg-type]
-                                                       use_grouped_mm=self.use_grouped_mm),
-                                       xe, recv.view(R, El).sum(0))  # [M, H]
+        kernel = self._kernel
+        # plain attributes, past nn.Module's parameter checks (to_local of a parameter may be one)
+        kernel.__dict__.update(gate_up_proj=gate_up, down_proj=down)
+        try:
+            ye = kernel.run_sorted(xe, recv.view(R, El).sum(0))  # [M, H]
+        finally:  # lent, not given: FSDP frees the gathered weights after the layer
+            kernel.__dict__.update(gate_up_proj=None, down_proj=None)
         if ye.shape[0] == 0:
             # nothing arrived: keep both all-to-alls and the weights in the graph anyway, or this rank would
             # skip the dispatch's backward all-to-all that the other ranks run, and leave the weights gradless

@@ -1,0 +1,104 @@
+"""Training step (forward + backward + AdamW) of frugallm against transformers' DeepseekV3ForCausalLM,
+same configuration and same weights, in one process. Prints a table and a final RESULT line.
+
+    .venv/bin/python benchmarks/train_step_vs_hf.py [--preset tiny] [--batch 16] [--seq 256] [--steps 8]
+        [--dtype float32|bfloat16] [--device cpu|cuda]
+
+Both models run in the same precision. transformers' experts run with its default implementation
+(`torch._grouped_mm` where supported) and, for reference, with `experts_implementation="eager"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from frugallm.config import preset
+from frugallm.model import build_model
+
+
+def hf_model(cfg, ours, device, dtype, impl: str | None):
+    import transformers
+
+    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items()
+                                              if k not in ("architectures", "model_type")})
+    kwargs = {}
+    if impl is not None:
+        hf_cfg.experts_implementation = impl
+    model = transformers.DeepseekV3ForCausalLM(hf_cfg, **kwargs).to(device, dtype)
+    theirs = model.state_dict()
+    with torch.no_grad():
+        for name, t in ours.state_dict().items():
+            if name in theirs:
+                theirs[name].copy_(t)
+    return model
+
+
+def time_steps(step, steps: int, device: str) -> list[float]:
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per step")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    cfg = preset(args.preset).replace(num_nextn_predict_layers=0)  # transformers has no MTP
+    ours = build_model(cfg, device=args.device, dtype=dtype, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=args.device)
+
+    def make_step(model, loss_fn):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+        def step():
+            loss = loss_fn(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    rows = []
+    ours_times = time_steps(make_step(ours, lambda m: m.forward_train(ids).loss), args.steps, args.device)
+    rows.append(("frugallm", statistics.median(ours_times)))
+    for impl in (None, "eager"):
+        try:
+            theirs = hf_model(cfg, ours, args.device, dtype, impl)
+        except Exception as e:  # an implementation this transformers build lacks
+            print(f"transformers experts_implementation={impl}: unavailable ({e})")
+            continue
+        t = time_steps(make_step(theirs, lambda m: m(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss),
+                       args.steps, args.device)
+        rows.append((f"transformers ({impl or 'default'} experts)", statistics.median(t)))
+        del theirs
+    tokens = args.batch * args.seq
+    print(f"\n{args.preset}, batch {args.batch} x {args.seq}, {args.dtype} on {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'implementation':<36}{'s/step':>10}{'tokens/s':>12}{'ours faster':>14}")
+    base = rows[0][1]
+    for name, s in rows:
+        print(f"{name:<36}{s:>10.3f}{tokens / s:>12.0f}{s / base:>13.2f}x")
+    ratios = " ".join(f"speedup_vs_hf_{n.split('(')[1].split()[0]}={s / base:.2f}" for n, s in rows[1:])
+    print(f"RESULT preset={args.preset} dtype={args.dtype} device={args.device} "
+          f"ours_tokens_per_s={tokens / base:.0f} {ratios}")
+
+
+if __name__ == "__main__":
+    main()

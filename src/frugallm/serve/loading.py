@@ -1,0 +1,163 @@
+"""What serving loads: a model (a training run directory or a Hugging Face DeepSeek-V3 directory, nothing
+else) and its tokenizer, wrapped as a ``Codec`` that encodes, decodes, knows the end-of-sequence tokens and
+renders chat messages.
+
+Where things are looked for, given PATH:
+    model       PATH/model/config.json (a run directory) or PATH/config.json (an HF directory)
+    tokenizer   tokenizer.json in the model directory, else in PATH
+    chat        ``chat_template`` in tokenizer_config.json (Jinja, as transformers renders it); without one,
+                the default template below
+    EOS         tokenizer_config.json ``eos_token``; else a special token named like an end of text
+                (``<|endoftext|>``, ``</s>``, ``<eos>``, DeepSeek's end of sentence); else generation_config.json
+                ``eos_token_id`` when that id is a special token of the tokenizer
+
+Default chat template (for models trained without one): each message becomes ``<|ROLE|>\\nCONTENT\\n`` and the
+prompt ends with ``<|assistant|>\\n``; generation stops at the next ``<|user|>`` or ``<|system|>`` marker.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from frugallm.errors import CheckpointError
+from frugallm.model.transformer import DeepseekV3LM
+from frugallm.serve.sampling import RequestError
+
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<｜end▁of▁sentence｜>", "<|end_of_text|>", "<|im_end|>")
+ROLES = ("system", "user", "assistant", "tool", "developer")
+DEFAULT_CHAT_STOPS = ("<|user|>", "<|system|>")
+
+
+def _token_text(v: Any) -> str | None:
+    if isinstance(v, dict):  # {"content": "<|endoftext|>", ...} as transformers writes AddedToken
+        v = v.get("content")
+    return v if isinstance(v, str) and v else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+class Codec:
+    """Tokenizer + end-of-sequence ids + chat template."""
+
+    def __init__(self, tokenizer: Tokenizer, *, eos_token: str | None = None, bos_token: str | None = None,
+                 eos_ids: set[int] | None = None, chat_template: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self.eos_ids = set(eos_ids or ())
+        if eos_token is not None and tokenizer.token_to_id(eos_token) is not None:
+            self.eos_ids.add(tokenizer.token_to_id(eos_token))
+        self.chat_template = chat_template
+        self._compiled = None
+
+    @classmethod
+    def from_dir(cls, *dirs: Path) -> Codec:
+        tok_file = next((d / "tokenizer.json" for d in dirs if (d / "tokenizer.json").is_file()), None)
+        if tok_file is None:
+            raise CheckpointError(f"no tokenizer.json in {' or '.join(str(d) for d in dirs)}")
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # the Rust library raises its own exception type
+            raise CheckpointError(f"{tok_file}: not a readable tokenizers file ({e})") from None
+        tcfg = _read_json(tok_file.parent / "tokenizer_config.json")
+        eos, bos = _token_text(tcfg.get("eos_token")), _token_text(tcfg.get("bos_token"))
+        special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        eos_ids: set[int] = set()
+        if eos is None:
+            for name in EOS_NAMES:
+                if name in special:
+                    eos = name
+                    break
+        if eos is None:
+            gen = _read_json(tok_file.parent / "generation_config.json")
+            ids = gen.get("eos_token_id")
+            for i in ids if isinstance(ids, list) else [ids]:
+                if isinstance(i, int) and i in special.values():
+                    eos_ids.add(i)
+        template = tcfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        return cls(tokenizer, eos_token=eos, bos_token=bos, eos_ids=eos_ids,
+                   chat_template=template if isinstance(template, str) else None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ----- chat ---------------------------------------------------------------------------------------
+    @property
+    def chat_stops(self) -> tuple[str, ...]:
+        """Stop strings a chat request gets by default: the default template's turn markers."""
+        return () if self.chat_template else DEFAULT_CHAT_STOPS
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt text for a list of ``{"role", "content"}`` messages, ending where the assistant speaks."""
+        if self.chat_template is None:
+            return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        if self._compiled is None:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise RequestError(f"chat template: {message}", param="messages")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            try:
+                self._compiled = env.from_string(self.chat_template)
+            except TemplateError as e:
+                raise CheckpointError(f"tokenizer_config.json chat_template does not compile: {e}") from None
+        try:
+            return self._compiled.render(messages=messages, add_generation_prompt=True,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except RequestError:
+            raise
+        except Exception as e:  # a template failing on unusual messages is the request's problem
+            raise RequestError(f"the chat template could not render these messages: {e}", param="messages") from None
+
+
+def model_dir(path: str | Path) -> Path:
+    """The HF-format directory for PATH: PATH/model in a training run directory, else PATH itself."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"model directory not found: {p}")
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    if (p / "config.json").is_file():
+        return p
+    raise CheckpointError(f"{p} is neither a frugallm run directory (with model/config.json) nor a Hugging Face "
+                          f"model directory (with config.json)")
+
+
+def load_for_serving(path: str | Path, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> tuple[DeepseekV3LM, Codec]:
+    """A run directory (``<run>/model`` + ``tokenizer.json``) or a Hugging Face DeepSeek-V3 directory ->
+    (model in eval mode, codec)."""
+    from frugallm.model.hf import from_pretrained
+
+    mdir = model_dir(path)
+    codec = Codec.from_dir(mdir, Path(path))
+    model = from_pretrained(mdir, device=device, dtype=dtype).eval()
+    if codec.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"tokenizer.json has {codec.vocab_size} tokens but the model's vocab_size is "
+                              f"{model.config.vocab_size}")
+    return model, codec

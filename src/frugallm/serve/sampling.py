@@ -1,0 +1,195 @@
+"""Choosing tokens: sampling parameters and their validation, the warped distribution (temperature, top-k,
+top-p), speculative verification, and the text side of a stream (incremental detokenization, stop strings).
+
+Speculative verification follows Leviathan et al. (arXiv 2211.17192): a drafted token d drawn from q is kept
+with probability min(1, p(d) / q(d)), where p is the main model's (warped) distribution; on rejection the
+replacement is drawn from norm(max(p - q, 0)). The output is then distributed exactly as sampling from p
+alone. At temperature 0 both distributions are one-hot and the rule is "keep d if it is the main model's
+argmax", so greedy speculative decoding reproduces greedy decoding token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from frugallm.errors import ConfigError, ResourceError
+
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+
+
+class RequestError(ConfigError):
+    """A request the engine cannot serve as asked; ``param`` names the offending field, ``code`` is the
+    OpenAI-style error code the server answers with."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class QueueFullError(ResourceError):
+    """The bounded request queue is full; try again later (HTTP 503)."""
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    max_tokens: int | None = 16  # None: up to the context length
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(param: str, allowed: str, got: object) -> RequestError:
+            return RequestError(f"{param} must be {allowed}, got {got!r}", param=param)
+
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", "an integer >= 1", self.max_tokens)
+        if not _is_num(self.temperature) or not 0 <= self.temperature <= 2:
+            raise bad("temperature", "a number in [0, 2]", self.temperature)
+        if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "a number in (0, 1]", self.top_p)
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise bad("top_k", "an integer >= -1 (-1 or 0 turn it off)", self.top_k)
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", "an integer", self.seed)
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if len(self.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", f"a non-empty string or a list of at most {MAX_STOP_STRINGS} of them", self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN fails
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()  # fresh entropy: unseeded requests differ
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [V] -> the distribution sampled from [V] (float32): temperature, then top-k, then top-p."""
+    x = logits.float() / p.temperature
+    if p.top_k > 0 and p.top_k < x.shape[-1]:
+        kth = x.topk(p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = x.softmax(-1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= p.top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator
+           ) -> tuple[int, torch.Tensor | None]:
+    """One token from logits [V]; also the distribution it was drawn from (None when greedy)."""
+    if p.greedy:
+        return int(logits.argmax()), None
+    probs = warp(logits, p)
+    return int(torch.multinomial(probs, 1, generator=gen)), probs
+
+
+def verify(main_logits: torch.Tensor, drafts: Sequence[int], draft_probs: Sequence[torch.Tensor | None],
+           p: SamplingParams, gen: torch.Generator) -> list[int]:
+    """main_logits [k+1, V] at the pending token and each of the k drafts -> the tokens to commit: the
+    accepted drafts followed by one token from the main model (the correction, or the bonus after k
+    accepted drafts), so 1 .. k+1 tokens."""
+    out: list[int] = []
+    for i, d in enumerate(drafts):
+        if p.greedy:
+            best = int(main_logits[i].argmax())
+            if best != d:
+                return out + [best]
+        else:
+            target, q = warp(main_logits[i], p), draft_probs[i]
+            assert q is not None, "a sampled draft keeps its distribution"
+            accept = min(1.0, float(target[d]) / max(float(q[d]), 1e-20))
+            if float(torch.rand((), generator=gen)) >= accept:
+                residual = (target - q).clamp_min(0)
+                if float(residual.sum()) <= 0:  # p == q: any draw from p is exact
+                    residual = target
+                return out + [int(torch.multinomial(residual / residual.sum(), 1, generator=gen))]
+        out.append(d)
+    return out + [sample(main_logits[len(drafts)], p, gen)[0]]
+
+
+class TextStream:
+    """Turns generated token ids into text deltas: decodes incrementally (holding back an incomplete UTF-8
+    character) and holds back any tail that could be the start of a stop string; stops at the earliest stop
+    string, which is not part of the text."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+        self.decode, self.stop = decode, tuple(stop)
+        self.ids: list[int] = []
+        self.prefix_offset = self.read_offset = 0
+        self.text = ""  # everything decoded so far
+        self.emitted = 0  # characters of ``text`` handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        # decode a short window, not the whole output: byte-level BPE decodes concatenation-wise
+        before = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self.decode(self.ids[self.prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._release()
+
+    def _release(self, final: bool = False) -> str:
+        if self.stop:
+            look_from = max(0, self.emitted - max(len(s) for s in self.stop))
+            hits = [i for i in (self.text.find(s, look_from) for s in self.stop) if i >= 0]
+            if hits:
+                end = min(hits)
+                self.text, self.stopped = self.text[:end], True
+                return self._emit(end)
+        hold = 0 if final else self._partial_stop_suffix()
+        return self._emit(len(self.text) - hold)
+
+    def _partial_stop_suffix(self) -> int:
+        longest = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def _emit(self, end: int) -> str:
+        end = max(end, self.emitted)
+        out, self.emitted = self.text[self.emitted : end], end
+        return out
+
+    def finish(self) -> str:
+        """The rest of the text when the stream ends for another reason (length, EOS)."""
+        if self.stopped:
+            return ""
+        tail = self.decode(self.ids[self.prefix_offset :])
+        before = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        if len(tail) > len(before):
+            self.text += tail[len(before) :]
+        return self._release(final=True)
