@@ -128,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the directory name)")
     p.add_argument("--price-per-hour", type=float, default=None,
                    help="device price in dollars per hour, for each request's cost in its usage (default: the "
-                        "--gpu's catalogue price, else 0.10)")
+                        "--gpu's catalogue price, else 0: no cost is counted)")
     p.add_argument("--gpu", default=None, help="take the device price from the hardware catalogue "
                    "(a name as `frugallm cost` knows it, e.g. h100)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for admission before 503")

@@ -43,7 +43,8 @@ log = logging.getLogger("frugallm.serve")
 
 # Placeholder device price when none is given: an on-demand cloud VM with a few vCPUs is of the order of
 # $0.10 per hour (pass --price-per-hour for the machine you actually run on).
-DEFAULT_PRICE_PER_HOUR = 0.10
+# no device price is known unless the user gives one (--price-per-hour or --gpu): cost is then counted as 0
+DEFAULT_PRICE_PER_HOUR = 0.0
 MAX_N = 8
 
 
