@@ -59,7 +59,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     cfg = preset(args.preset).replace(num_nextn_predict_layers=0)  # transformers has no MTP
     ours = build_model(cfg, device=args.device, dtype=dtype, seed=0)
