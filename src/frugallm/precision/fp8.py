@@ -36,8 +36,9 @@ same before and after. ``dequantize_weight_blocks`` reads the published FP8 chec
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -47,6 +48,8 @@ from frugallm.errors import ConfigError, DeviceError
 from frugallm.model.moe import GroupedExperts
 from frugallm.precision.backends import BACKENDS, hopper_unavailable_reason
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
+
+log = logging.getLogger("frugallm.precision")
 
 BLOCK = 128
 KEEP_HIGH_PRECISION = ("lm_head",)  # linears matched by name that stay unconverted (the output head)
@@ -92,20 +95,24 @@ class Fp8Recipe:
                 f"pow2={self.pow2_scales} saved-inputs={saved}")
 
 
-def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe | None = None, *,
+def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe | None = None, *, backend: str | None = None,
                    keep: Iterable[str] = KEEP_HIGH_PRECISION) -> nn.Module:
     """Swap, in place, every ``nn.Linear`` for an ``Fp8Linear`` and every ``GroupedExperts`` for an
     ``Fp8GroupedExperts`` (same parameters, same names), except modules whose dotted name matches one of
     the fnmatch patterns in ``keep``. The embedding, router (``Router`` is not an ``nn.Linear``), norms and
     the attention core are not GEMM modules and stay as they are. Converting again updates the recipe.
-    Raises ``DeviceError`` when ``recipe.backend`` is 'hopper' and no capable GPU is present."""
+    ``backend``, when given, overrides ``recipe.backend`` (the run config's ``fp8_backend``).
+    Raises ``DeviceError`` when the backend is 'hopper' and no capable GPU is present."""
     recipe = recipe or Fp8Recipe()
+    if backend is not None:
+        recipe = replace(recipe, backend=backend)
     if recipe.backend == "hopper":
         reason = hopper_unavailable_reason()
         if reason:
             raise DeviceError(f"fp8 backend 'hopper' is not available: {reason}. "
                               "Use backend 'emulated' (any device) or 'auto'.")
     patterns = tuple(keep)
+    converted = 0
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -115,8 +122,12 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe | None = None, *,
                 child.recipe = recipe
             elif type(child) is nn.Linear:  # exact type: subclasses may change semantics we do not know
                 setattr(parent, child_name, Fp8Linear.from_linear(child, recipe))
+                converted += 1
             elif type(child) is GroupedExperts:
                 setattr(parent, child_name, Fp8GroupedExperts.from_experts(child, recipe))
+                converted += 1
+    log.info("fp8: converted %d modules (%s); kept in high precision: %s", converted, recipe.describe(),
+             ", ".join(patterns) or "nothing by name")
     return model
 
 
