@@ -65,7 +65,7 @@ def _resolve_configs(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     for _flag, field, typ, _help in _TRAIN_FLAGS:
         v = getattr(args, field)
         if v is not None:
-            changes[field] = int(v) if field == "max_tokens" else typ(v)
+            changes[field] = int(float(v)) if field == "max_tokens" else typ(v)
     if args.data:
         changes["data"] = list(args.data)
     if args.activation_checkpointing:
