@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -40,18 +39,6 @@ DEADLINE_S = 150.0
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    names = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
-    for i in range(240):
-        a, b = rng.choice(names), rng.choice(names)
-        body = "\n".join(f"    {a}_{j} = {b}({j}, {rng.randint(0, 9)})" for j in range(rng.randint(3, 9)))
-        (d / f"doc{i:03d}.py").write_text(f"def {a}_{b}_{i}(x):\n{body}\n    return {a}_0 + x\n")
-    return d
-
-
 def _cfg(corpus_dir: Path, **kw) -> TrainConfig:
     base = dict(data=[str(corpus_dir)], seq_len=32, batch_size=8, precision="fp32", time_budget_s=None,
                 max_steps=STEPS, warmup_steps=2, log_every=1, eval_every_s=1e9, checkpoint_every_s=1e9,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -26,19 +25,6 @@ MICRO = ModelConfig(vocab_size=320, hidden_size=48, num_hidden_layers=2, interme
                     qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=1,
                     num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
                     first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=128)
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    """A small synthetic corpus with learnable structure: templated code-like documents."""
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    names = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
-    for i in range(240):
-        a, b = rng.choice(names), rng.choice(names)
-        body = "\n".join(f"    {a}_{j} = {b}({j}, {rng.randint(0, 9)})" for j in range(rng.randint(3, 9)))
-        (d / f"doc{i:03d}.py").write_text(f"def {a}_{b}_{i}(x):\n{body}\n    return {a}_0 + x\n")
-    return d
 
 
 def _cfg(corpus_dir: Path, **kw) -> TrainConfig:
