@@ -4,8 +4,11 @@ same configuration and same weights, in one process. Prints a table and a final 
     .venv/bin/python benchmarks/train_step_vs_hf.py [--preset tiny] [--batch 16] [--seq 256] [--steps 8]
         [--dtype float32|bfloat16] [--device cpu|cuda]
 
-Both models run in the same precision. transformers' experts run with its default implementation
-(`torch._grouped_mm` where supported) and, for reference, with `experts_implementation="eager"`.
+Both models run in the same precision with fused AdamW: ours as `frugallm train` builds it
+(`frugallm.train.optim.build_optimizer`), theirs as transformers' Trainer does by default on torch >= 2.8
+(`adamw_torch_fused`). transformers' experts run with its default implementation (grouped_mm) and, for
+reference, with `experts_implementation="eager"`. Steps are interleaved (one step of each implementation per
+round, medians over the rounds), so that a change in the machine's load during the run hits all of them alike.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch
 
 from frugallm.config import preset
 from frugallm.model import build_model
+from frugallm.train.config import TrainConfig
+from frugallm.train.optim import build_optimizer
 
 
 def hf_model(cfg, ours, device, dtype, impl: str | None):
@@ -37,18 +42,14 @@ def hf_model(cfg, ours, device, dtype, impl: str | None):
     return model
 
 
-def time_steps(step, steps: int, device: str) -> list[float]:
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return times
+def timed(step, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=16, help="sequences per step")
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
+    ap.add_argument("--steps", type=int, default=8, help="timed rounds (after 2 warm-up rounds)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -68,9 +69,7 @@ def main() -> None:
     ours = build_model(cfg, device=args.device, dtype=dtype, seed=0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=args.device)
 
-    def make_step(model, loss_fn):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-
+    def make_step(model, loss_fn, opt):
         def step():
             loss = loss_fn(model)
             loss.backward()
@@ -78,19 +77,26 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
         return step
 
-    rows = []
-    ours_times = time_steps(make_step(ours, lambda m: m.forward_train(ids).loss), args.steps, args.device)
-    rows.append(("frugallm", statistics.median(ours_times)))
+    fused = args.device in ("cpu", "cuda")
+    impls = {"frugallm": make_step(ours, lambda m: m.forward_train(ids).loss,
+                                   build_optimizer(ours, TrainConfig(lr=1e-4)))}
     for impl in (None, "eager"):
         try:
             theirs = hf_model(cfg, ours, args.device, dtype, impl)
         except Exception as e:  # an implementation this transformers build lacks
             print(f"transformers experts_implementation={impl}: unavailable ({e})")
             continue
-        t = time_steps(make_step(theirs, lambda m: m(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss),
-                       args.steps, args.device)
-        rows.append((f"transformers ({impl or 'default'} experts)", statistics.median(t)))
-        del theirs
+        opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                fused=fused or None)
+        impls[f"transformers ({impl or 'default'} experts)"] = make_step(
+            theirs, lambda m: m(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss, opt)
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for r in range(args.steps + 2):  # two warm-up rounds
+        for name, step in impls.items():
+            t = timed(step, args.device)
+            if r >= 2:
+                times[name].append(t)
+    rows = [(name, statistics.median(t)) for name, t in times.items()]
     tokens = args.batch * args.seq
     print(f"\n{args.preset}, batch {args.batch} x {args.seq}, {args.dtype} on {args.device}, "
           f"{torch.get_num_threads()} threads")

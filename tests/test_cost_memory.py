@@ -14,6 +14,7 @@ from frugallm.cost.memory import (
     fp8_scale_bytes,
     kv_cache_bytes_per_token,
     require_fits,
+    step_buffer_bytes,
     training_memory,
     weight_bytes,
 )
@@ -93,7 +94,7 @@ def test_weight_bytes_by_dtype() -> None:
         weight_bytes(cfg, "int3")
 
 
-def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int) -> float:
+def _saved_bytes(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int) -> float:
     """Bytes of the distinct non-parameter storages autograd saves for the backward of forward_train."""
     model = build_model(cfg, dtype=dtype)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -108,7 +109,7 @@ def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int)
     tokens = torch.randint(0, cfg.vocab_size, (B, S + 1 + cfg.num_nextn_predict_layers))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.forward_train(tokens)
-    return sum(saved.values()) / (B * S)
+    return sum(saved.values())
 
 
 @pytest.mark.parametrize("changes, dtype, tol", [
@@ -120,10 +121,11 @@ def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int)
 def test_activations_match_saved_tensors(changes, dtype, tol) -> None:
     cfg = ModelConfig(**{**SMALL, **changes})
     S = 48
-    measured = _saved_bytes_per_token(cfg, dtype, B=2, S=S)
-    # d_qk != d_v here, so PyTorch's CPU attention takes the math path: not fused
-    predicted = activation_bytes_per_token(cfg, S, dtype="fp32" if dtype == torch.float32 else "bf16",
-                                           fused_attention=False)
+    measured = _saved_bytes(cfg, dtype, B=2, S=S)
+    # d_qk > d_v here, so on the CPU v is padded to d_qk for the flash kernel (model.attention.CPU_FLASH_PAD_V)
+    name = "fp32" if dtype == torch.float32 else "bf16"
+    predicted = (2 * S * activation_bytes_per_token(cfg, S, dtype=name, fused_attention=True, pad_v=True)
+                 + step_buffer_bytes(cfg, dtype=name))
     assert abs(predicted - measured) / measured < tol, (predicted, measured)
 
 
@@ -132,9 +134,10 @@ def test_recompute_and_attention_kernel() -> None:
     full = activation_bytes_per_token(cfg, 4096)
     ckpt = activation_bytes_per_token(cfg, 4096, recompute=True)
     assert ckpt < full / 5
-    # the math kernel keeps n_h*S fp32 probabilities per token and layer (62 blocks with MTP)
+    # the math kernel keeps n_h*S fp32 probabilities per token and layer (62 blocks with MTP), not the
+    # kernel's output (n_h*d_v at bf16) or its log-sum-exp
     math_path = activation_bytes_per_token(cfg, 4096, fused_attention=False)
-    assert math_path - full == 62 * 128 * (4096 * 4 - 4)
+    assert math_path - full == 62 * 128 * (4096 * 4 - 4 - 128 * 2)
 
 
 def test_training_memory_breakdown() -> None:
@@ -143,6 +146,7 @@ def test_training_memory_breakdown() -> None:
     fp32 = training_memory(cfg, 256, precision="fp32")
     assert (fp32.weights, fp32.master_weights, fp32.grads, fp32.optimizer) == (4 * n, 0, 4 * n, 8 * n)
     assert fp32.activations == 256 * activation_bytes_per_token(cfg, 256, dtype="fp32")
+    assert fp32.step_buffers == step_buffer_bytes(cfg, dtype="fp32") > 0
     # DeepSeek-V3's recipe: bf16 weights, fp32 master and gradients, bf16 moments = 14 bytes a parameter
     v3 = training_memory(cfg, 256, precision="bf16", moments="bf16")
     assert v3.weights + v3.master_weights + v3.grads + v3.optimizer == 14 * n

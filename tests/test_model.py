@@ -159,3 +159,31 @@ def test_attention_is_causal() -> None:
     b = model(ids2)
     torch.testing.assert_close(a[:, :8], b[:, :8])
     assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_linear_cross_entropy_equals_plain_path(monkeypatch, dtype, tol) -> None:
+    from frugallm.model import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 3 * 50)  # chunks of 3 rows: several, the last partial
+    h = torch.randn(2, 7, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(50, 16, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, 2] = labels[1, 6] = -100  # ignored positions
+    ours = loss_mod.linear_cross_entropy(h, w, labels) * 2.5  # a scaled loss scales both gradients
+    ours.backward()
+    dh, dw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    plain = torch.nn.functional.cross_entropy((h @ w.T).flatten(0, 1), labels.flatten()) * 2.5
+    plain.backward()
+    assert abs(ours.item() - plain.item()) < tol * 10
+    assert (dh - h.grad).abs().max() < tol and (dw - w.grad).abs().max() < tol
+    with torch.no_grad():  # evaluation: the loss alone
+        assert abs(loss_mod.linear_cross_entropy(h, w, labels).item() * 2.5 - plain.item()) < tol * 10
+
+
+def test_forward_train_loss_equals_cross_entropy_of_logits() -> None:
+    model = build_model(ModelConfig(**SMALL))
+    tokens = torch.randint(0, 64, (2, 12))
+    expected = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    assert abs(model.forward_train(tokens).loss.item() - expected.item()) < 1e-5

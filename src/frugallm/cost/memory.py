@@ -19,21 +19,25 @@ Training states (``training_memory``), the mixed-precision recipe of DeepSeek-V3
 Activations per token (``activation_bytes_per_token``): the tensors autograd keeps for the backward in
 this package's model, each counted once even when two ops save it (checked against
 ``saved_tensors_hooks`` in tests/test_cost_memory.py):
-  RMSNorm computes in fp32 and keeps its input in fp32 (4 bytes), the normalised value and its output at
-    the activation dtype: 4 + 2b bytes per element. Each block has two on H; MLA adds one on r_q (when
-    the query is compressed) and one on r_kv.
-  attention: RoPE keeps its fp32 input, 4*(n_h + 1)*d_r bytes for MLA (one shared rope key) and
-    4*(n_h + n_kv)*d_r for MHA/GQA; the attention kernel keeps q, k, v and its output, 2*n_h*(d_qk + d_v)
-    elements. A fused kernel (FlashAttention, PyTorch's flash path) adds only the fp32 log-sum-exp, n_h;
-    PyTorch's math kernel (used on the CPU when d_qk != d_v, ``fused_attention=False``) keeps the
-    probabilities in fp32, 4*n_h*S bytes per token: this term grows with the sequence.
-  FFN: SwiGLU keeps gate, silu(gate), up and their product, 4*I. An MoE layer keeps the router's fp32 input
-    and scores (4H + 8E bytes), per routed pair the gathered input H, 4*I_m and the expert output H (for
-    the gate weight's gradient), k*(2H + 4*I_m), and the shared experts 4*n_s*I_m.
-  head: the final norm, and the fp32 log-softmax of the cross entropy, 4*V bytes.
+  RMSNorm keeps its fp32 normalised value and the per-row 1/rms, 4*W + 4 bytes, plus its output at the
+    activation dtype when the next op keeps it (a linear's input). Each block has two on H; MLA adds one
+    on r_q (when the query is compressed) and one on r_kv. RoPE keeps only per-position tables.
+  attention: q, k, v and the kernel's output, n_h*(2*d_qk + 2*d_v) elements, the fp32 log-sum-exp (n_h)
+    and o_proj's input (n_h*d_v). On the CPU v is padded to d_qk so that SDPA takes its flash kernel
+    (``pad_v``): v and the output are then n_h*d_qk each. PyTorch's math kernel (``fused_attention=False``)
+    keeps the probabilities in fp32, 4*n_h*S bytes per token, instead of its output and log-sum-exp: this
+    term grows with the sequence.
+  FFN: SwiGLU keeps gate and up, silu(gate) and their product, 4*I. An MoE layer keeps the router's scores
+    and top-k (4E + 12k + 8 bytes; plus an fp32 copy of its input, 4H, when activations are not fp32), per
+    routed pair the gathered input H, 4*I_m and the expert output H (for the gate weight's gradient) and
+    two int64 permutations, k*(2H + 4*I_m)*b + 16k, the k mixing gates, and the shared experts 4*n_s*I_m.
+  head: the final norm, and the fused output head's fp32 input gradient, 4H: never the logits
+    (``frugallm.model.loss``). Plus the token ids the embedding keeps, 8 bytes.
   MTP module: two norms on H, their concatenation 2H, one block and one head.
+Per step, whatever the batch (``step_buffer_bytes``): the fused head's fp32 weight gradient V*H per head
+pass, and the concatenated gate/up weight of each SwiGLU MLP.
 With ``recompute=True`` (full activation checkpointing of each block) only every block's input H stays,
-plus, during the backward, one block's activations at a time; the head keeps its log-softmax either way.
+plus, during the backward, one block's activations at a time; the heads keep theirs either way.
 b is the dtype the model is cast to. Under ``torch.autocast`` the residual stream and norms stay fp32
 and the bf16 copies come on top; the fp32 figure bounds that case (the cast weight copies autocast keeps
 are the working weights of ``training_memory``).
@@ -99,53 +103,76 @@ def optimizer_bytes(cfg: ModelConfig, moments: object = "fp32", *, master: bool 
 
 
 # ----- activations ---------------------------------------------------------------------------------------
-def _norm_bytes(width: int, b: int) -> int:
-    return width * (4 + 2 * b)  # fp32 input, normalised and output at the activation dtype
+def _norm_bytes(width: int, b: int, output_kept: bool = True) -> int:
+    # the fp32 normalised value and the per-row 1/rms the backward reads; the output at the activation dtype
+    # when the next op keeps it (a linear's input; not the fused head's, not the MTP concatenation's)
+    return 4 * width + 4 + (b * width if output_kept else 0)
 
 
-def _attention_activation_bytes(cfg: ModelConfig, b: int, seq_len: int, fused: bool) -> int:
-    H, nh, d_r = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_rope_head_dim
-    out = _norm_bytes(H, b) + 2 * nh * (cfg.qk_head_dim + cfg.v_head_dim) * b  # q, k, v, attention output
+def _attention_activation_bytes(cfg: ModelConfig, b: int, seq_len: int, fused: bool, pad_v: bool) -> int:
+    nh, d_qk, d_v = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
+    out = _norm_bytes(cfg.hidden_size, b)
     if cfg.attention == "mla":
-        out += _norm_bytes(cfg.kv_lora_rank, b) + 4 * (nh + 1) * d_r
+        out += _norm_bytes(cfg.kv_lora_rank, b)
         out += _norm_bytes(cfg.q_lora_rank, b) if cfg.q_lora_rank is not None else 0
-    else:
-        out += 4 * (nh + cfg.kv_heads) * d_r
-    out += nh * 4 if fused else nh * seq_len * 4  # log-sum-exp, or the math kernel's fp32 probabilities
-    return out
+    if fused:  # q, k, v and the kernel's output (v and output padded to d_qk when pad_v), log-sum-exp
+        d_vk = max(d_v, d_qk) if pad_v else d_v
+        out += nh * (2 * d_qk + 2 * d_vk) * b + 4 * nh
+    else:  # q, k, v and the fp32 probabilities
+        out += nh * (2 * d_qk + d_v) * b + 4 * nh * seq_len
+    return out + nh * d_v * b  # o_proj's input
 
 
 def _ffn_activation_bytes(cfg: ModelConfig, moe: bool, b: int) -> int:
     H = cfg.hidden_size
     if not moe:
         return _norm_bytes(H, b) + 4 * cfg.intermediate_size * b
-    Im, k = cfg.moe_intermediate_size, cfg.num_experts_per_tok
-    routed = k * (2 * H + 4 * Im) * b
-    return _norm_bytes(H, b) + 4 * H + 8 * cfg.n_routed_experts + routed + 4 * cfg.n_shared_experts * Im * b
+    Im, k, E = cfg.moe_intermediate_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    router = (4 * H if b != 4 else 0) + 4 * E + 4 + 12 * k + 4  # fp32 input copy, scores, top-k and gates
+    routed = k * (2 * H + 4 * Im) * b + 16 * k  # pairs: gathered input, SwiGLU, output; two permutations
+    return _norm_bytes(H, b) + router + routed + k * b + 4 * cfg.n_shared_experts * Im * b  # k b: mixing gates
 
 
-def _head_activation_bytes(cfg: ModelConfig, b: int) -> int:
-    return _norm_bytes(cfg.hidden_size, b) + 4 * cfg.vocab_size
+def _head_activation_bytes(cfg: ModelConfig) -> int:
+    # the final norm, then the fused head keeps only its input gradient (fp32): never the logits
+    return _norm_bytes(cfg.hidden_size, 4, output_kept=False) + 4 * cfg.hidden_size
 
 
 def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, *, dtype: object = "bf16",
-                               recompute: bool = False, fused_attention: bool = True,
+                               recompute: bool = False, fused_attention: bool = True, pad_v: bool = False,
                                include_mtp: bool = True) -> int:
     """Activation bytes kept per trained token of a ``seq_len`` sequence (model in the module docstring)."""
     b = dtype_bytes(dtype)
     H = cfg.hidden_size
-    blocks = [(_attention_activation_bytes(cfg, b, seq_len, fused_attention)
+    blocks = [(_attention_activation_bytes(cfg, b, seq_len, fused_attention, pad_v)
                + _ffn_activation_bytes(cfg, cfg.is_moe_layer(i), b)) for i in range(cfg.num_hidden_layers)]
-    heads = _head_activation_bytes(cfg, b)
+    heads = 8 + _head_activation_bytes(cfg)  # 8: the token ids the embedding keeps
     if include_mtp:
         for d in range(cfg.num_nextn_predict_layers):
-            blocks.append(2 * _norm_bytes(H, b) + 2 * H * b
-                          + _attention_activation_bytes(cfg, b, seq_len, fused_attention)
+            blocks.append(2 * _norm_bytes(H, b, output_kept=False) + 2 * H * b
+                          + _attention_activation_bytes(cfg, b, seq_len, fused_attention, pad_v)
                           + _ffn_activation_bytes(cfg, cfg.is_moe_layer(cfg.num_hidden_layers + d), b))
-            heads += _head_activation_bytes(cfg, b)
+            heads += 8 + _head_activation_bytes(cfg)
     if not recompute:
         return sum(blocks) + heads
     return len(blocks) * H * b + max(blocks) + heads
+
+
+def step_buffer_bytes(cfg: ModelConfig, *, dtype: object = "bf16", include_mtp: bool = True) -> int:
+    """Bytes autograd keeps per step whatever the batch: the fused head's fp32 weight gradient, V x H, per
+    head pass (main and each MTP depth), and the concatenated gate/up weight of every SwiGLU MLP (dense
+    layers and shared experts), 2 I x H at the activation dtype."""
+    b = dtype_bytes(dtype)
+    H = cfg.hidden_size
+    depths = cfg.num_nextn_predict_layers if include_mtp else 0
+    n_layers = cfg.num_hidden_layers + depths
+    mlp = 0
+    for i in range(n_layers):
+        if not cfg.is_moe_layer(i):
+            mlp += 2 * cfg.intermediate_size * H * b
+        elif cfg.n_shared_experts:
+            mlp += 2 * cfg.moe_intermediate_size * cfg.n_shared_experts * H * b
+    return (1 + depths) * 4 * cfg.vocab_size * H + mlp
 
 
 # ----- KV cache ------------------------------------------------------------------------------------------
@@ -184,10 +211,12 @@ class TrainingMemory:
     grads: int
     optimizer: int
     activations: int
+    step_buffers: int = 0  # per-step tensors autograd keeps whatever the batch (``step_buffer_bytes``)
 
     @property
     def total(self) -> int:
-        return self.weights + self.master_weights + self.grads + self.optimizer + self.activations
+        return (self.weights + self.master_weights + self.grads + self.optimizer + self.activations
+                + self.step_buffers)
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -195,7 +224,7 @@ class TrainingMemory:
 
 def training_memory(cfg: ModelConfig, batch_tokens: int, *, precision: object = "bf16",
                     moments: object = "fp32", recompute: bool = False, grad_dtype: object = "fp32",
-                    master_weights: bool | None = None, fused_attention: bool = True,
+                    master_weights: bool | None = None, fused_attention: bool = True, pad_v: bool = False,
                     seq_len: int | None = None, shards: int = 1) -> TrainingMemory:
     """Memory to train ``cfg`` on ``batch_tokens`` tokens per step (micro-batch x sequence length) with
     working weights and activations in ``precision`` (fp32, bf16, or fp8 with bf16 activations).
@@ -211,13 +240,15 @@ def training_memory(cfg: ModelConfig, batch_tokens: int, *, precision: object = 
     n = param_counts(cfg).total_with_mtp
     act_dtype = "bf16" if prec == "fp8" else prec
     acts = batch_tokens * activation_bytes_per_token(cfg, seq_len or batch_tokens, dtype=act_dtype,
-                                                     recompute=recompute, fused_attention=fused_attention)
+                                                     recompute=recompute, fused_attention=fused_attention,
+                                                     pad_v=pad_v)
     return TrainingMemory(
         weights=-(-weight_bytes(cfg, prec) // shards),
         master_weights=-(-n * 4 // shards) if master else 0,
         grads=-(-grad_bytes(cfg, grad_dtype) // shards),
         optimizer=-(-optimizer_bytes(cfg, moments) // shards),
         activations=acts,
+        step_buffers=step_buffer_bytes(cfg, dtype=act_dtype),
     )
 
 

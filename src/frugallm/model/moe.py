@@ -15,7 +15,9 @@ The bias never enters gate values, so balancing changes who is chosen but not ho
 
 Experts run grouped: the N*k (token, expert) pairs are sorted by expert so that every expert sees one
 contiguous slice, computed with one ``torch._grouped_mm`` (bf16 on CUDA) or one
-matmul per expert; results are weighted and summed back with ``index_add_``. Weights are stored stacked,
+matmul per expert; results go back to token order through the inverse permutation and are mixed by the
+gates with one batched matmul. Dispatch and combine are gathers in both directions (their backward gathers
+through the inverse permutation), never a scatter-add. Weights are stored stacked,
 ``gate_up_proj [E, 2*I_m, H]`` and ``down_proj [E, H, I_m]``, which is what expert parallelism shards on dim 0.
 
 Sequence-wise balance loss (eq. 17-20), per sequence of length S:
@@ -113,23 +115,56 @@ class GroupedExperts(nn.Module):
             g, u = h.chunk(2, dim=-1)
             return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)  # [M, H]
         outs = []
-        for e, chunk in enumerate(xs.split(counts.tolist())):
+        # unbind, not gate_up[e]: the backward of one unbind is one stack, where E selects would each
+        # allocate and add a zero gradient of the whole stacked weight
+        for chunk, w_gu, w_d in zip(xs.split(counts.tolist()), gate_up.unbind(0), down.unbind(0), strict=True):
             if chunk.shape[0] == 0:
                 continue
-            g, u = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)  # [m_e, I_m] each
-            outs.append(F.linear(F.silu(g) * u, down[e]))  # [m_e, H]
+            g, u = F.linear(chunk, w_gu).chunk(2, dim=-1)  # [m_e, I_m] each
+            outs.append(F.linear(F.silu(g) * u, w_d))  # [m_e, H]
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [N, H], indices/gates [N, k] -> sum_j gates[:, j] * expert_{indices[:, j]}(x)  [N, H]."""
-        k = indices.shape[1]
-        flat = indices.reshape(-1)  # [N*k]
-        order = flat.argsort(stable=True)  # pairs sorted by expert
+        N, k = indices.shape
+        flat = indices.reshape(-1)  # [N*k] pair p = t*k + j
+        order = flat.argsort(stable=True)  # sorted slot -> pair
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)  # pair -> sorted slot
         counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
-        token = order // k  # [N*k] source token of each sorted pair
-        ys = self.run_sorted(x[token], counts)  # [N*k, H]
-        ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
+        ys = self.run_sorted(_Dispatch.apply(x, order, inverse, k), counts)  # [N*k, H], sorted by expert
+        ys = _Permute.apply(ys, inverse, order).view(N, k, -1)  # back to pair order [N, k, H]
+        return torch.bmm(gates.unsqueeze(1).to(ys.dtype), ys).squeeze(1).to(x.dtype)  # [N, H]
+
+
+class _Dispatch(torch.autograd.Function):
+    """xs[i] = x[order[i] // k]: each token copied to its k sorted slots. The backward gathers each token's
+    k slot gradients through the inverse permutation and sums them: gathers only, no scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k):  # type: ignore[no-untyped-def,override]
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(0, inverse).view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """Rows permuted by ``perm``; the gradient goes back through the inverse permutation (a gather)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):  # type: ignore[no-untyped-def,override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(0, inverse), None, None
 
 
 class MoE(nn.Module):
@@ -157,9 +192,10 @@ class MoE(nn.Module):
     def balance_loss(self, route: RouterOutput, B: int, S: int) -> torch.Tensor:
         probs = route.scores / route.scores.sum(-1, keepdim=True)  # [N, E]
         P = probs.view(B, S, -1).mean(1)  # [B, E]
-        hits = torch.zeros(B, S * self.top_k, self.n_experts, device=probs.device)
-        hits.scatter_(2, route.indices.view(B, S * self.top_k, 1), 1.0)
-        f = hits.sum(1) * (self.n_experts / (self.top_k * S))  # [B, E]
+        E = self.n_experts
+        seq = torch.arange(B, device=probs.device).repeat_interleave(S * self.top_k)  # [B*S*k]
+        hits = torch.bincount(seq * E + route.indices.reshape(-1), minlength=B * E).view(B, E)
+        f = hits.to(probs.dtype) * (E / (self.top_k * S))  # [B, E]
         return (f * P).sum(-1).mean()
 
     @torch.no_grad()

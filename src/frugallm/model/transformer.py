@@ -17,13 +17,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from frugallm.config import ModelConfig
 from frugallm.model.attention import Rotary
 from frugallm.model.block import DecoderLayer
 from frugallm.model.layers import RMSNorm
+from frugallm.model.loss import linear_cross_entropy
 from frugallm.model.moe import MoE, MoEStats
 from frugallm.model.mtp import MTPModule
 
@@ -80,6 +80,11 @@ class DeepseekV3LM(nn.Module):
     def logits(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         return self.lm_head((norm or self.model.norm)(h))  # [B, S, V]
 
+    def head_loss(self, h: torch.Tensor, norm: nn.Module, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """Cross-entropy of the output head on norm(h) [B, S, H] against labels [B, S], without keeping the
+        logits (``frugallm.model.loss``)."""
+        return linear_cross_entropy(norm(h), self.lm_head.weight, labels, ignore_index)
+
     def forward(self, input_ids: torch.Tensor, train: bool = False) -> torch.Tensor | TrainOutput:
         """Main logits [B, S, V]; with ``train=True`` the same as ``forward_train`` (so that wrappers such as
         FSDP, whose hooks run on ``__call__``, see the training pass too)."""
@@ -93,15 +98,15 @@ class DeepseekV3LM(nn.Module):
         if S < 1:
             raise ValueError(f"forward_train needs [B, S + 1 + {D}] tokens with S >= 1, got {tuple(tokens.shape)}")
         h, stats = self.hidden(tokens[:, :S])
-        loss = _cross_entropy(self.logits(h), tokens[:, 1 : S + 1], ignore_index)
+        loss = self.head_loss(h, self.model.norm, tokens[:, 1 : S + 1], ignore_index)
         mtp_losses = []
         rope = self.rope(S, device=tokens.device)
         for d, module in enumerate(self.model.mtp, start=1):
             h, s = module(h, self.model.embed_tokens(tokens[:, d : S + d]), rope)
             if s is not None:
                 stats.append(s)
-            logits = self.logits(h, module.shared_head.norm)
-            mtp_losses.append(_cross_entropy(logits, tokens[:, d + 1 : S + d + 1], ignore_index))
+            mtp_losses.append(self.head_loss(h, module.shared_head.norm, tokens[:, d + 1 : S + d + 1],
+                                             ignore_index))
         if stats:
             balance = torch.stack([s.balance_loss for s in stats]).sum()
             loads = torch.stack([s.load for s in stats])  # [n_moe, E]
@@ -139,10 +144,6 @@ class DeepseekV3LM(nn.Module):
                 p.normal_(0.0, std, generator=generator)
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()
-
-
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

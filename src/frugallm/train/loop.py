@@ -173,12 +173,13 @@ class Trainer:
 
     def _check_memory(self) -> None:
         from frugallm.cost.memory import require_fits, training_memory
+        from frugallm.model.attention import CPU_FLASH_PAD_V
 
         micro = self.cfg.batch_size // self.cfg.grad_accum // self.dist.world_size
         mem = training_memory(self.model_cfg, micro * self.cfg.seq_len, seq_len=self.cfg.seq_len,
                               precision=self.cfg.precision if self.cfg.precision != "fp8" else "bf16",
                               master_weights=False, recompute=self.cfg.activation_checkpointing,
-                              shards=self.dist.world_size)
+                              pad_v=CPU_FLASH_PAD_V and self.device.type == "cpu", shards=self.dist.world_size)
         try:
             require_fits(mem, available_memory(self.device), where=f"this {self.device.type} device")
         except ResourceError:
