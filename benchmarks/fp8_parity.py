@@ -1,20 +1,21 @@
 """Training-loss parity of the FP8 recipe against its higher-precision peer, measured in the same run.
 
-Two trainings from the same seed on the same batches, one with BF16 autocast (the peer) and one with the FP8
-recipe (FP8 GEMMs, BF16 elsewhere); the figure is the mean over the last ``--window`` steps of
+Two trainings from the same seed on the same batches, one in the device's fast high precision (the peer: BF16
+autocast on GPUs and CPUs with native bf16, FP32 on CPUs that only emulate bf16, where BF16 would run ~10x
+slower) and one with the FP8 recipe (FP8 GEMMs, the peer's precision elsewhere); the figure is the mean over the last ``--window`` steps of
 |loss_fp8 - loss_peer| / loss_peer, which DeepSeek-V3 reports below 0.25% (arXiv 2412.19437, section 3.3).
 It writes both loss curves to a PNG and a JSON summary, prints a table and a final ``RESULT`` line.
 
 Loops:
-  cli      the real training loop, twice: ``frugallm train --preset P --precision {bf16,fp8} --max-steps N
+  cli      the real training loop, twice: ``frugallm train --preset P --precision {PEER,fp8} --max-steps N
            --seed S --out RUN_DIR --log-every 1`` (reads RUN_DIR/metrics.jsonl records with step and loss)
   builtin  a minimal loop kept here (AdamW, warmup + cosine, MTP and balance losses, bias updates) on bytes of
-           the running Python's standard library, with the preset's vocabulary cut to 256 byte tokens. It
-           also takes ``--peer fp32`` (no autocast in either run, so the FP8 run keeps FP32 elsewhere) for
-           CPUs that only emulate bf16, where a bf16 run of hundreds of steps takes hours.
+           the running Python's standard library, with the preset's vocabulary cut to 256 byte tokens; it
+           takes any ``--peer`` and ``--control`` (a third run from perturbed initial weights: the noise floor).
 
     python benchmarks/fp8_parity.py --steps 300                      # cli loop, tiny preset
-    python benchmarks/fp8_parity.py --loop builtin --peer fp32 --steps 300 --threads 1
+    python benchmarks/fp8_parity.py --steps 300 --batch-size 8 --seq-len 128   # a smaller batch, faster on a CPU
+    python benchmarks/fp8_parity.py --loop builtin --peer fp32 --steps 300 --control
 """
 
 from __future__ import annotations
@@ -164,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--loop", choices=("auto", "cli", "builtin"), default="auto",
                    help="auto: the real training loop when frugallm.train is installed")
-    p.add_argument("--peer", choices=("bf16", "fp32"), default="bf16",
-                   help="precision of the reference run (cli loop: bf16 only)")
+    p.add_argument("--peer", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="precision of the reference run; auto: the one the fp8 run keeps outside its GEMMs on "
+                        "this device (bf16 where it is native, fp32 on CPUs that emulate bf16)")
     p.add_argument("--backend", default="auto", help="fp8 backend: auto | emulated | hopper")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (builtin default 8)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (builtin default 128)")
@@ -178,11 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.loop == "auto":
         args.loop = "cli" if importlib.util.find_spec("frugallm.train.cli") else "builtin"
-    if args.loop == "cli" and (args.peer != "bf16" or args.control):
-        p.error("--peer fp32 and --control need --loop builtin (the cli loop's fp8 runs under bf16 autocast)")
-    if args.threads:
-        import torch
+    if args.loop == "cli" and args.control:
+        p.error("--control needs --loop builtin")
+    import torch
 
+    from frugallm.train.loop import resolve_precision
+
+    outer = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.peer == "auto":
+        args.peer = outer
+    elif args.loop == "cli" and args.peer != outer:
+        p.error(f"on this device `frugallm train --precision fp8` computes in {outer} outside its GEMMs; "
+                f"a {args.peer} peer would compare two things at once: use --peer {outer} (or auto)")
+    print(f"peer: {args.peer}; fp8 run: FP8 GEMMs, {args.peer if args.loop == 'builtin' else outer} elsewhere",
+          flush=True)
+    if args.threads:
         torch.set_num_threads(args.threads)
     run = run_cli if args.loop == "cli" else run_builtin
     start = time.perf_counter()

@@ -29,6 +29,10 @@ runs in bf16 as in the V3 setup:
     with torch.autocast("cuda", torch.bfloat16):
         out = model.forward_train(tokens)
 
+Without autocast the rest runs in FP32, which is what ``frugallm train --precision fp8`` does on CPUs that
+only emulate bf16 (``frugallm.train.loop.resolve_precision``): the FP8 GEMM operands are rounded the same
+way either way.
+
 Conversion swaps modules in place and keeps parameter names, so a state_dict (and a checkpoint) is the
 same before and after. ``dequantize_weight_blocks`` reads the published FP8 checkpoint's weights.
 """

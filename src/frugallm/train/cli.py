@@ -120,7 +120,7 @@ def run_train(args: argparse.Namespace) -> int:
         console = Console()
         if trainer.dist.is_main:
             console.print(f"run directory: {run_dir}   device: {trainer.device}   precision: "
-                          f"{train_cfg.precision}   {trainer.dist.describe()}")
+                          f"{trainer.precision_label}   {trainer.dist.describe()}")
         result = trainer.run()
         trainer.dist.close()  # every rank is done with collectives; rank 0 only prints from here
     if not trainer.dist.is_main:

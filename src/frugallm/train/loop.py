@@ -142,7 +142,12 @@ class Trainer:
         if self.device.type == "cpu" and cfg.threads:
             torch.set_num_threads(cfg.threads)
         cfg = self.cfg = cfg.replace(precision=resolve_precision(cfg.precision, self.device))
-        self.amp_dtype = None if cfg.precision == "fp32" else torch.bfloat16
+        # fp8: FP8 GEMMs inside the device's fast high precision, bf16 autocast where bf16 is native, fp32
+        # on CPUs that only emulate bf16 (there fp8 keeps fp32 everywhere but its GEMM operands)
+        outer = resolve_precision("auto", self.device) if cfg.precision == "fp8" else cfg.precision
+        self.outer_precision = outer
+        self.amp_dtype = None if outer == "fp32" else torch.bfloat16
+        self.precision_label = cfg.precision + (f" (FP8 GEMMs, {outer} elsewhere)" if cfg.precision == "fp8" else "")
         self.depth = model_cfg.num_nextn_predict_layers
 
     # ----- set-up -------------------------------------------------------------------------------------
@@ -177,7 +182,7 @@ class Trainer:
 
         micro = self.cfg.batch_size // self.cfg.grad_accum // self.dist.world_size
         mem = training_memory(self.model_cfg, micro * self.cfg.seq_len, seq_len=self.cfg.seq_len,
-                              precision=self.cfg.precision if self.cfg.precision != "fp8" else "bf16",
+                              precision=self.outer_precision,
                               master_weights=False, recompute=self.cfg.activation_checkpointing,
                               pad_v=CPU_FLASH_PAD_V and self.device.type == "cpu", shards=self.dist.world_size)
         try:
@@ -250,7 +255,8 @@ class Trainer:
                 loader.load_state_dict(state["loader"])
                 step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         metrics = MetricsWriter(self.run_dir, enabled=is_main)
-        meter = RateMeter(self.model_cfg, cfg, self.device, world_size=self.dist.world_size)
+        meter = RateMeter(self.model_cfg, cfg, self.device, world_size=self.dist.world_size,
+                          compute="fp32" if self.amp_dtype is None else "bf16")
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
         micro = cfg.batch_size // cfg.grad_accum // self.dist.world_size
         tokens_per_step = cfg.batch_size * cfg.seq_len

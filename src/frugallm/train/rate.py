@@ -17,11 +17,14 @@ from frugallm.errors import ConfigError
 from frugallm.train.config import TrainConfig
 
 
-def device_peak_and_price(device: torch.device, precision: str) -> tuple[str, float | None, float | None]:
-    """(device kind, peak FLOP/s per device in the run's compute dtype or None if unknown, $ per hour)."""
+def device_peak_and_price(device: torch.device, precision: str, compute: str | None = None
+                          ) -> tuple[str, float | None, float | None]:
+    """(device kind, peak FLOP/s per device in the run's compute dtype or None if unknown, $ per hour).
+    ``compute`` is the dtype the run computes in outside FP8 GEMMs (fp32 or bf16; default from precision)."""
     from frugallm.cost import hardware
 
-    dtype = "fp32" if precision == "fp32" else "bf16"  # fp8 GEMMs run as bf16 on devices without fp8
+    # fp8 GEMMs count at the peak of the precision around them on devices without fp8 (the CPU)
+    dtype = compute or ("fp32" if precision == "fp32" else "bf16")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)  # e.g. "NVIDIA H100 80GB HBM3"
         for word in name.replace("-", " ").split():
@@ -37,12 +40,14 @@ def device_peak_and_price(device: torch.device, precision: str) -> tuple[str, fl
 
 
 class RateMeter:
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, world_size: int = 1):
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, world_size: int = 1,
+                 compute: str | None = None):
         self.cfg = cfg
+        self.compute = compute or ("fp32" if cfg.precision == "fp32" else "bf16")
         self.world_size = world_size
         self.model_cfg = model_cfg
         self.flops_per_token = train_flops_per_token(model_cfg, cfg.seq_len)
-        self.kind, self.peak, default_price = device_peak_and_price(device, cfg.precision)
+        self.kind, self.peak, default_price = device_peak_and_price(device, cfg.precision, self.compute)
         self._peak_checked = False
         self.price = cfg.price_per_hour if cfg.price_per_hour is not None else default_price
         self._window: list[tuple[int, float]] = []  # recent (tokens, seconds) for a smoothed rate
@@ -74,8 +79,7 @@ class RateMeter:
             from frugallm.cost import hardware
 
             self._peak_checked = True
-            dtype = "fp32" if self.cfg.precision == "fp32" else "bf16"
-            self.peak = max(self.peak or 0.0, hardware.cpu_peak_flops(dtype, refresh=True))
+            self.peak = max(self.peak or 0.0, hardware.cpu_peak_flops(self.compute, refresh=True))
 
     def cost_record(self, tokens: int, elapsed_s: float) -> dict[str, Any]:
         from frugallm.cost.report import run_cost
