@@ -11,11 +11,14 @@ Loops:
            --seed S --out RUN_DIR --log-every 1`` (reads RUN_DIR/metrics.jsonl records with step and loss)
   builtin  a minimal loop kept here (AdamW, warmup + cosine, MTP and balance losses, bias updates) on bytes of
            the running Python's standard library, with the preset's vocabulary cut to 256 byte tokens; it
-           takes any ``--peer`` and ``--control`` (a third run from perturbed initial weights: the noise floor).
+           takes any ``--peer``.
+``--control`` adds a third run, the peer again with a rounding-sized change (builtin: initial weights
+perturbed by 2^-9; cli: another CPU thread count, so only the summation order differs): its drift from the
+peer is the metric's noise floor at that scale.
 
     python benchmarks/fp8_parity.py --steps 300                      # cli loop, tiny preset
     python benchmarks/fp8_parity.py --steps 300 --batch-size 8 --seq-len 128   # a smaller batch, faster on a CPU
-    python benchmarks/fp8_parity.py --loop builtin --peer fp32 --steps 300 --control
+    python benchmarks/fp8_parity.py --steps 300 --control                 # with the noise floor
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ def plot(steps: list[int], peer: list[float], fp8: list[float], rel: list[float]
     bottom.plot(steps, [100 * r for r in rel], lw=0.8, color="gray", label="fp8")
     if control_rel:
         bottom.plot(steps, [100 * r for r in control_rel], lw=0.8, color="tab:green", alpha=0.7,
-                    label=f"control ({args.peer}, perturbed init)")
+                    label=f"control ({args.peer} again, rounding-sized change)")
     bottom.axhline(0.25, color="red", lw=0.8, ls="--", label="0.25% (DeepSeek-V3)")
     bottom.axvspan(steps[-min(args.window, len(steps))], steps[-1], alpha=0.15, label=f"last {args.window} steps")
     bottom.set_ylabel("|fp8 - peer| / peer (%)")
@@ -174,14 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (builtin loop)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--control", action="store_true",
-                   help="builtin loop: a third run, the peer with its initial weights perturbed by bf16-sized "
-                        "noise (2^-9 relative), whose drift from the peer is the metric's noise floor")
+                   help="a third run, the peer with a rounding-sized change (builtin: initial weights perturbed "
+                        "by 2^-9; cli: another CPU thread count), whose drift is the metric's noise floor")
     p.add_argument("--out-dir", type=Path, default=Path("runs/fp8_parity"), help="where runs, PNG and JSON go")
     args = p.parse_args(argv)
     if args.loop == "auto":
         args.loop = "cli" if importlib.util.find_spec("frugallm.train.cli") else "builtin"
-    if args.loop == "cli" and args.control:
-        p.error("--control needs --loop builtin")
     import torch
 
     from frugallm.train.loop import resolve_precision
@@ -200,7 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     peer_losses = run(args.peer, args, args.out_dir / args.peer)
     fp8_losses = run("fp8", args, args.out_dir / "fp8")
-    control_losses = run_builtin(args.peer, args, args.out_dir / "control", perturb=2**-9) if args.control else {}
+    control_losses: dict[int, float] = {}
+    if args.control and args.loop == "builtin":
+        control_what = "its initial weights perturbed by 2^-9"
+        control_losses = run_builtin(args.peer, args, args.out_dir / "control", perturb=2**-9)
+    elif args.control and torch.cuda.is_available():
+        p.error("--control with the cli loop changes the CPU thread count; on a GPU use --loop builtin")
+    elif args.control:  # the real loop: the same run on another thread count, so only summation order differs
+        import copy
+
+        other = copy.copy(args)
+        other.threads = 1 if (args.threads or torch.get_num_threads()) != 1 else 2
+        control_what = f"{other.threads} thread(s) instead of {args.threads or torch.get_num_threads()}"
+        control_losses = run_cli(args.peer, other, args.out_dir / "control")
     steps = sorted(set(peer_losses) & set(fp8_losses))
     if len(steps) < args.window:
         print(f"only {len(steps)} common steps; need at least --window {args.window}", file=sys.stderr)
@@ -222,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if control_losses:
         last_steps = steps[last]
         control_rel = sum(abs(control_losses[s] - peer_losses[s]) / peer_losses[s] for s in last_steps) / args.window
-        print(f"control ({args.peer} with its initial weights perturbed by 2^-9): mean relative difference "
+        print(f"control ({args.peer} with {control_what}): mean relative difference "
               f"{100 * control_rel:.3f}% over the same steps, the noise floor of this metric at this scale")
     png = args.out_dir / "fp8_parity.png"
     control_curve = ([abs(control_losses[s] - peer_losses[s]) / peer_losses[s] for s in steps]
