@@ -16,6 +16,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny matmuls: a second thread only adds synchronisation, and the CI
+    machine is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     """A small synthetic corpus with learnable structure: templated code-like documents."""

@@ -18,12 +18,9 @@ from frugallm.cost.flops import (
 from frugallm.cost.params import param_counts, weight_matrices
 from frugallm.errors import ConfigError
 from frugallm.model import build_model
+from shapes import COST_SMALL
 
-# one dense layer then one MoE layer, as DeepSeek-V3's first_k_dense_replace
-SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-             num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=8,
-             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
-             num_experts_per_tok=2, n_group=2, topk_group=2, first_k_dense_replace=1)
+SMALL = COST_SMALL
 
 CASES = {
     "mla-moe-mtp": dict(num_nextn_predict_layers=1),

@@ -21,11 +21,9 @@ from frugallm.cost.memory import (
 from frugallm.cost.params import param_counts
 from frugallm.errors import ConfigError, ResourceError
 from frugallm.model import build_model
+from shapes import COST_SMALL
 
-SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-             num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=8,
-             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
-             num_experts_per_tok=2, n_group=2, topk_group=2, first_k_dense_replace=1)
+SMALL = COST_SMALL
 
 
 def test_deepseek_v3_mla_cache_is_70272_bytes() -> None:

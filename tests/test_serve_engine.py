@@ -11,21 +11,11 @@ from frugallm.model import build_model
 from frugallm.serve.cache import BlockPool, CacheLayout, cache_bytes_per_token, chain_hash
 from frugallm.serve.engine import Engine, EngineConfig
 from frugallm.serve.sampling import QueueFullError, RequestError, SamplingParams
+from shapes import SERVE_TINY
 
-TINY = dict(vocab_size=96, hidden_size=48, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-            num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-            v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
-            max_position_embeddings=256, initializer_range=0.2)
+TINY = SERVE_TINY
+pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: a second thread only adds synchronisation, and the CI machine is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**changes) -> torch.nn.Module:

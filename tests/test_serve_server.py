@@ -26,22 +26,13 @@ from frugallm.model.hf import save_pretrained  # noqa: E402
 from frugallm.serve.engine import Engine, EngineConfig  # noqa: E402
 from frugallm.serve.loading import Codec, load_for_serving  # noqa: E402
 from frugallm.serve.server import create_app  # noqa: E402
+from shapes import SERVE_TINY  # noqa: E402
 
-TINY = dict(vocab_size=320, hidden_size=48, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-            num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-            v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
-            max_position_embeddings=128, initializer_range=0.2, num_nextn_predict_layers=1)
+TINY = {**SERVE_TINY, "vocab_size": 320, "max_position_embeddings": 128, "num_nextn_predict_layers": 1}
 TEXTS = ["the cheapest token is the one served from the cache", "multi-head latent attention keeps a latent",
          "speculative decoding drafts with the MTP module", "a budget is a plan for money"] * 20
+pytestmark = pytest.mark.usefixtures("one_thread")
 PRICE = 3.6  # dollars per hour: one cent per compute-second, easy to check
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_tokenizer(path: Path) -> Path:

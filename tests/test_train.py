@@ -14,17 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from frugallm.config import ModelConfig, preset
+from frugallm.config import preset
 from frugallm.errors import ConfigError
 from frugallm.train.config import TrainConfig
 from frugallm.train.loop import Trainer
 from frugallm.train.metrics import read_metrics
-
-MICRO = ModelConfig(vocab_size=320, hidden_size=48, num_hidden_layers=2, intermediate_size=96,
-                    num_attention_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=12,
-                    qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=1,
-                    num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
-                    first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=128)
+from shapes import MICRO
 
 
 def _cfg(corpus_dir: Path, **kw) -> TrainConfig:

@@ -18,12 +18,11 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, fields
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from frugallm.config import read_toml
+from frugallm.cost.catalog import merged_entries
 from frugallm.errors import ConfigError
 
 HARDWARE_ENV = "FRUGALLM_HARDWARE_FILE"
@@ -68,33 +67,12 @@ def _normalise(name: str) -> str:
     return name.strip().lower().replace("_", "-").replace(" ", "-")
 
 
-def _builtin_table() -> dict[str, Any]:
-    with resources.as_file(resources.files("frugallm.cost") / "hardware.toml") as path:
-        return read_toml(path)
-
-
 def load_catalog(hardware_file: str | Path | None = None) -> dict[str, Device]:
     """The built-in catalogue merged with ``hardware_file`` (or ``$FRUGALLM_HARDWARE_FILE``)."""
-    table = {k: dict(v) for k, v in _builtin_table().items()}
-    user = hardware_file or os.environ.get(HARDWARE_ENV)
-    if user:
-        for key, entry in read_toml(user).items():
-            if not isinstance(entry, dict):
-                raise ConfigError(f"{user}: [{key}] must be a table of device fields")
-            table.setdefault(_normalise(key), {}).update(entry)
-    allowed = {f.name for f in fields(Device)} - {"key"}
-    catalog = {}
-    for key, entry in table.items():
-        unknown = sorted(set(entry) - allowed)
-        if unknown:
-            raise ConfigError(f"hardware entry [{key}]: unknown field(s) {', '.join(unknown)}; "
-                              f"allowed: {', '.join(sorted(allowed))}")
-        missing = [f for f in ("name", "bf16_tflops", "memory_gb", "bandwidth_tbs") if f not in entry]
-        if missing:
-            raise ConfigError(f"hardware entry [{key}]: missing {', '.join(missing)}")
-        entry = {**entry, "aliases": tuple(_normalise(a) for a in entry.get("aliases", ()))}
-        catalog[_normalise(key)] = Device(key=_normalise(key), **entry)
-    return catalog
+    table = merged_entries("hardware.toml", hardware_file, HARDWARE_ENV, what="hardware", record=Device,
+                           required=("name", "bf16_tflops", "memory_gb", "bandwidth_tbs"), normalise=_normalise)
+    return {key: Device(key=key, **{**entry, "aliases": tuple(_normalise(a) for a in entry.get("aliases", ()))})
+            for key, entry in table.items()}
 
 
 def get_device(name: str, hardware_file: str | Path | None = None) -> Device:

@@ -4,13 +4,10 @@ overrides, merged field by field like the hardware catalogue: ``--prices-file FI
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from frugallm.config import read_toml
+from frugallm.cost.catalog import merged_entries
 from frugallm.errors import ConfigError
 
 PRICES_ENV = "FRUGALLM_PRICES_FILE"
@@ -47,25 +44,10 @@ class ApiPrice:
 
 def load_prices(prices_file: str | Path | None = None) -> dict[str, ApiPrice]:
     """The built-in price sheet merged with ``prices_file`` (or ``$FRUGALLM_PRICES_FILE``)."""
-    with resources.as_file(resources.files("frugallm.cost") / "prices.toml") as path:
-        table: dict[str, dict[str, Any]] = {k: dict(v) for k, v in read_toml(path).items()}
-    user = prices_file or os.environ.get(PRICES_ENV)
-    if user:
-        for key, entry in read_toml(user).items():
-            if not isinstance(entry, dict):
-                raise ConfigError(f"{user}: [{key}] must be a table of price fields")
-            table.setdefault(key.strip().lower(), {}).update(entry)
-    allowed = {f.name for f in fields(ApiPrice)} - {"key"}
-    prices = {}
-    for key, entry in table.items():
-        unknown = sorted(set(entry) - allowed)
-        if unknown:
-            raise ConfigError(f"price entry [{key}]: unknown field(s) {', '.join(unknown)}; "
-                              f"allowed: {', '.join(sorted(allowed))}")
-        missing = [f for f in ("provider", "model", "input", "output") if f not in entry]
-        if missing:
-            raise ConfigError(f"price entry [{key}]: missing {', '.join(missing)}")
-        prices[key] = ApiPrice(key=key, **entry)
+    table = merged_entries("prices.toml", prices_file, PRICES_ENV, what="price", record=ApiPrice,
+                           required=("provider", "model", "input", "output"),
+                           normalise=lambda k: k.strip().lower())
+    prices = {key: ApiPrice(key=key, **entry) for key, entry in table.items()}
     return prices
 
 

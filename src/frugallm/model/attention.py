@@ -186,14 +186,18 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, self.d_nope + self.d_v))  # [n_h, d_n+d_v, r_kv]
         return w[:, : self.d_nope], w[:, self.d_nope :]
 
-    def attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor,
-                        k_rope: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-        """Rebuild per-head K and V from the latent and attend. Returns [B, S, n_h*d_v]."""
+    def expand_kv(self, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head K [B, n_h, T, d_n+d_r] and V [B, n_h, T, d_v] rebuilt from the latent and the rope key."""
         kv = self.kv_b_proj(kv_latent).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # [B, n_h, T, d_n+d_v]
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
         k_rope = k_rope.unsqueeze(1).expand(-1, self.n_heads, -1, -1)  # [B, n_h, T, d_r]
+        return torch.cat([k_nope, k_rope], dim=-1), v
+
+    def attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor,
+                        k_rope: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+        """Rebuild per-head K and V from the latent and attend. Returns [B, S, n_h*d_v]."""
+        k, v = self.expand_kv(kv_latent, k_rope)
         q = torch.cat([q_nope, q_rope], dim=-1)  # [B, n_h, S, d_n+d_r]
-        k = torch.cat([k_nope, k_rope], dim=-1)  # [B, n_h, T, d_n+d_r]
         out = causal_attention(q, k, v, self.scale, q_offset)  # [B, n_h, S, d_v]
         return out.transpose(1, 2).flatten(2)  # [B, S, n_h*d_v]
 

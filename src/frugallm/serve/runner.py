@@ -109,6 +109,16 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.transpose(1, 2).flatten(2)
 
 
+def _query_and_cached_rows(attn: MLA, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                           cache: torch.Tensor, batch: PagedBatch
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query ([B, n_h, S, d_n], rotated [B, n_h, S, d_r]) and, after storing the new tokens' latent and
+    rope key, every cached [c_kv | k_rope] row the batch attends to [B, T, r + d_r]."""
+    q_nope, q_rope = attn.project_q(x, rope)
+    kv_latent, k_rope = attn.compress_kv(x, rope)  # [B, S, r], [B, S, d_r]
+    return q_nope, q_rope, store_and_gather(cache, torch.cat([kv_latent, k_rope], dim=-1), batch)
+
+
 class MLAExpanded:
     """Rebuild per-head K and V from the cached latent (the training path, used for prefill)."""
 
@@ -116,15 +126,11 @@ class MLAExpanded:
 
     def __call__(self, attn: MLA, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                  cache: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-        q_nope, q_rope = attn.project_q(x, rope)  # [B, n_h, S, d_n], [B, n_h, S, d_r]
-        kv_latent, k_rope = attn.compress_kv(x, rope)  # [B, S, r], [B, S, d_r]
-        rows = store_and_gather(cache, torch.cat([kv_latent, k_rope], dim=-1), batch)  # [B, T, W]
+        q_nope, q_rope, rows = _query_and_cached_rows(attn, x, rope, cache, batch)
         kv_latent, k_rope = rows.split([attn.kv_rank, attn.d_rope], dim=-1)
         if batch.contiguous:
             return attn.attend_expanded(q_nope, q_rope, kv_latent, k_rope, q_offset=batch.start)
-        kv = attn.kv_b_proj(kv_latent).unflatten(-1, (attn.n_heads, -1)).transpose(1, 2)  # [B, n_h, T, d_n+d_v]
-        k_nope, v = kv.split([attn.d_nope, attn.d_v], dim=-1)
-        k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(-1, attn.n_heads, -1, -1)], dim=-1)  # [B, n_h, T, d_qk]
+        k, v = attn.expand_kv(kv_latent, k_rope)  # [B, n_h, T, d_qk], [B, n_h, T, d_v]
         return masked_attention(torch.cat([q_nope, q_rope], dim=-1), k, v, batch.mask, attn.scale)
 
 
@@ -136,9 +142,7 @@ class MLAAbsorbed:
 
     def __call__(self, attn: MLA, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                  cache: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-        q_nope, q_rope = attn.project_q(x, rope)  # [B, n_h, S, d_n], [B, n_h, S, d_r]
-        kv_latent, k_rope = attn.compress_kv(x, rope)  # [B, S, r], [B, S, d_r]
-        rows = store_and_gather(cache, torch.cat([kv_latent, k_rope], dim=-1), batch)  # [B, T, W]
+        q_nope, q_rope, rows = _query_and_cached_rows(attn, x, rope, cache, batch)
         w_uk, w_uv = attn.kv_b_weights()  # [n_h, d_n, r], [n_h, d_v, r]
         q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)  # [B, n_h, S, r]
         q = torch.cat([q_lat, q_rope], dim=-1)  # [B, n_h, S, W]
