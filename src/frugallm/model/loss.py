@@ -17,6 +17,26 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in float32; 512 rows at V = 8,192): as fast as one chunk here
+# On the CPU the logits GEMM of a chunk runs as GEMMs over vocabulary blocks of this many rows of W, written
+# into one buffer that all chunks share. Measured in the tiny training step on 2 threads (MKL, AVX2): one
+# [512, 256] x [256, 8192] GEMM into a fresh tensor ran at 74 GFLOP/s (fresh pages fault inside the GEMM),
+# 2,048-column blocks into the shared buffer at 106, and the step took 10% less time. None: one GEMM.
+CPU_VOCAB_BLOCK: int | None = 2048
+
+
+def _logits(hc: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """hc [C, H] @ w[V, H]^T written into ``out`` [>=C, V] (a buffer the chunks share, so that its pages
+    are touched once per step rather than once per chunk) -> out[:C]."""
+    z = out[: hc.shape[0]]
+    block = CPU_VOCAB_BLOCK if hc.device.type == "cpu" else None
+    V = w.shape[0]
+    if hc.dtype != out.dtype:
+        return z.copy_(hc @ w.T)
+    if block is None or V <= block:
+        return torch.mm(hc, w.T, out=z)
+    for v in range(0, V, block):
+        torch.mm(hc, w[v : v + block].T, out=z[:, v : v + block])
+    return z
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -39,11 +59,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             safe = torch.where(valid, labels, 0)
             chunk = max(1, CHUNK_ELEMENTS // V)
             total = torch.zeros((), dtype=acc, device=h.device)
+            z_buf = torch.empty(min(chunk, N), V, dtype=acc, device=h.device)
             dh = torch.empty(h.shape, dtype=acc, device=h.device) if need_dh else None
             dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_dw else None
             for s in range(0, N, chunk):
                 hc = hc_all[s : s + chunk]  # [C, H]
-                z = (hc @ w.T).to(acc)  # [C, V]
+                z = _logits(hc, w, z_buf)  # [C, V]
                 lab, ok = safe[s : s + chunk], valid[s : s + chunk]
                 picked = z.gather(1, lab[:, None]).squeeze(1)  # [C]
                 peak = z.amax(dim=-1, keepdim=True)  # [C, 1]
