@@ -9,6 +9,7 @@ import torch
 from frugallm.precision.quant import (
     E4M3,
     E4M3_MAX,
+    e4m3_to_float,
     expand_scale,
     quantize,
     quantize_blocks,
@@ -146,3 +147,15 @@ def test_transpose_is_exact():
     w = torch.randn(300, 200)
     q = quantize_blocks(w)
     assert torch.equal(q.t().dequantize(), q.dequantize().t())
+
+
+def test_e4m3_to_float_is_the_exact_conversion():
+    """The CPU table lookup gives PyTorch's own conversion for all 256 codes (NaN where it gives NaN), on
+    strided views and batches too."""
+    codes = torch.arange(256, dtype=torch.uint8).view(E4M3)
+    fast, ref = e4m3_to_float(codes), codes.float()
+    assert torch.equal(fast.isnan(), ref.isnan())
+    assert torch.equal(fast[~fast.isnan()], ref[~ref.isnan()])
+    x = (torch.randn(3, 300, 260) * 50).clamp(-448, 448).to(E4M3).transpose(-2, -1)  # [3, 260, 300] view
+    out = e4m3_to_float(x)
+    assert out.shape == x.shape and out.dtype == torch.float32 and torch.equal(out, x.float())

@@ -52,6 +52,7 @@ from frugallm.errors import ConfigError, DeviceError
 from frugallm.model.moe import GroupedExperts
 from frugallm.precision.backends import BACKENDS, hopper_unavailable_reason
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
+from frugallm.precision.quant import E4M3, e4m3_to_float
 
 log = logging.getLogger("frugallm.precision")
 
@@ -150,4 +151,4 @@ def dequantize_weight_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: in
         raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight {tuple(w.shape)} "
                          f"in {block}x{block} blocks (expected {expected})")
     scale = scale_inv.float().repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
-    return (w.float() * scale).to(dtype)
+    return ((e4m3_to_float(w) if w.dtype == E4M3 else w.float()) * scale).to(dtype)
