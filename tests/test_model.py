@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from frugallm.config import PRESETS, ModelConfig, preset
 from frugallm.cost.params import param_counts
@@ -187,3 +188,24 @@ def test_forward_train_loss_equals_cross_entropy_of_logits() -> None:
     tokens = torch.randint(0, 64, (2, 12))
     expected = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
     assert abs(model.forward_train(tokens).loss.item() - expected.item()) < 1e-5
+
+
+def test_fused_gate_up_matches_the_separate_linears() -> None:
+    """Training runs an MLP's gate and up projections as one GEMM over their concatenated weights: output
+    and gradients equal the separate linears; no_grad (serving) does not fuse, so it copies no weights."""
+    from frugallm.model.layers import fuse_linears
+
+    cfg = ModelConfig(**SMALL)
+    mlp = build_model(cfg, dtype=torch.float64).model.layers[0].mlp  # first_k_dense_replace=1: dense
+    x = torch.randn(2, 7, cfg.hidden_size, dtype=torch.float64)
+    assert fuse_linears(mlp.gate_proj, mlp.up_proj)
+    with torch.no_grad():
+        assert not fuse_linears(mlp.gate_proj, mlp.up_proj)
+        y_nograd = mlp(x)
+    w = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    y = mlp(x)
+    ref = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(y_nograd, ref.detach())
+    for a, b in zip(torch.autograd.grad(y.sum(), w), torch.autograd.grad(ref.sum(), w), strict=True):
+        torch.testing.assert_close(a, b)
