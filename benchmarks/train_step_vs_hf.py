@@ -1,15 +1,16 @@
 """Training step (forward + backward + AdamW) of frugallm against transformers' DeepseekV3ForCausalLM,
 same configuration and same weights, in one process. Prints a table and a final RESULT line.
 
-    .venv/bin/python benchmarks/train_step_vs_hf.py [--preset tiny] [--batch 16] [--seq 256] [--steps 8]
+    .venv/bin/python benchmarks/train_step_vs_hf.py [--preset tiny] [--batch 16] [--seq 256] [--steps 16]
         [--dtype float32|bfloat16] [--device cpu|cuda]
 
 Both models run in the same precision with fused AdamW: ours as `frugallm train` builds it
 (`frugallm.train.optim.build_optimizer`), theirs as transformers' Trainer does by default on torch >= 2.8
 (`adamw_torch_fused`). transformers' experts run with its default implementation (grouped_mm) and, for
-reference, with `experts_implementation="eager"`. The implementations take turns (in each round, each runs two
-steps and the second is timed, so that it follows a step of the same model as in training), so that a change in the machine's load during the run hits all of them alike: the speed-ups printed are
-the medians of the per-round ratios, with their interquartile range.
+reference, with `experts_implementation="eager"`. The implementations take turns: in each round each runs two
+steps and the second is timed, so that it follows a step of the same model as in training, and a change in
+the machine's load during the run hits all of them alike. The speed-ups printed are the medians of the
+per-round ratios, with their interquartile range.
 """
 
 from __future__ import annotations
