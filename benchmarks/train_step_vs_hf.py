@@ -109,8 +109,8 @@ def main() -> None:
     for name, s in rows:
         # per-round ratios: each round's steps ran back to back, so a change of load cancels in them
         per_round = sorted(t / o for t, o in zip(times[name], ours_t, strict=True))
-        q1, mid, q3 = (statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3)
         mid = statistics.median(per_round)
+        q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
         print(f"{name:<36}{s:>10.3f}{tokens / s:>12.0f}{mid:>13.2f}x{q1:>9.2f}-{q3:.2f}x")
         if name != "frugallm":
             ratios.append(f"speedup_vs_hf_{name.split('(')[1].split()[0]}={mid:.2f}")

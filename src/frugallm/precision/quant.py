@@ -31,6 +31,7 @@ So |dequantize(quantize(x)) - x| <= max(2^-4 |x|, 2^-10 scale) element by elemen
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -122,7 +123,10 @@ def expand_scale(scale: torch.Tensor, tile: tuple[int, int], shape: tuple[int, i
     return scale.repeat_interleave(tile[0], dim=-2)[..., :R, :].repeat_interleave(tile[1], dim=-1)[..., :C]
 
 
-_E4M3_VALUES: dict[torch.device, torch.Tensor] = {}
+@functools.cache
+def _e4m3_values() -> torch.Tensor:
+    """The float32 value of each of the 256 e4m3 codes (CPU)."""
+    return torch.arange(256, dtype=torch.uint8).view(E4M3).float()
 
 
 def e4m3_to_float(data: torch.Tensor) -> torch.Tensor:
@@ -131,11 +135,8 @@ def e4m3_to_float(data: torch.Tensor) -> torch.Tensor:
     1 thread), and the emulated backend converts every GEMM operand."""
     if data.device.type != "cpu":
         return data.float()
-    table = _E4M3_VALUES.get(data.device)
-    if table is None:
-        table = _E4M3_VALUES[data.device] = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
     codes = data.contiguous().view(torch.uint8).flatten().to(torch.int32)
-    return table.index_select(0, codes).view(data.shape)
+    return _e4m3_values().index_select(0, codes).view(data.shape)
 
 
 def dequantize(q: Fp8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -256,7 +256,7 @@ class Trainer:
                 step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         metrics = MetricsWriter(self.run_dir, enabled=is_main)
         meter = RateMeter(self.model_cfg, cfg, self.device, world_size=self.dist.world_size,
-                          compute="fp32" if self.amp_dtype is None else "bf16")
+                          compute=self.outer_precision)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
         micro = cfg.batch_size // cfg.grad_accum // self.dist.world_size
         tokens_per_step = cfg.batch_size * cfg.seq_len

@@ -17,14 +17,13 @@ from frugallm.errors import ConfigError
 from frugallm.train.config import TrainConfig
 
 
-def device_peak_and_price(device: torch.device, precision: str, compute: str | None = None
+def device_peak_and_price(device: torch.device, precision: str, compute: str
                           ) -> tuple[str, float | None, float | None]:
     """(device kind, peak FLOP/s per device in the run's compute dtype or None if unknown, $ per hour).
-    ``compute`` is the dtype the run computes in outside FP8 GEMMs (fp32 or bf16; default from precision)."""
+    ``compute`` is the dtype the run computes in outside FP8 GEMMs (fp32 or bf16): on devices without fp8
+    (the CPU) the fp8 GEMMs count at its peak."""
     from frugallm.cost import hardware
 
-    # fp8 GEMMs count at the peak of the precision around them on devices without fp8 (the CPU)
-    dtype = compute or ("fp32" if precision == "fp32" else "bf16")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)  # e.g. "NVIDIA H100 80GB HBM3"
         for word in name.replace("-", " ").split():
@@ -36,7 +35,7 @@ def device_peak_and_price(device: torch.device, precision: str, compute: str | N
             return spec.name, spec.peak_flops(key), spec.price_per_hour
         return name, None, None  # a GPU the catalogue lacks: no MFU, no default price
     # a CPU has no list price per hour: money is counted only at a --price-per-hour the user gives
-    return "cpu", hardware.cpu_peak_flops(dtype), None
+    return "cpu", hardware.cpu_peak_flops(compute), None
 
 
 class RateMeter:
