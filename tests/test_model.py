@@ -183,6 +183,30 @@ def test_linear_cross_entropy_equals_plain_path(monkeypatch, dtype, tol) -> None
         assert abs(loss_mod.linear_cross_entropy(h, w, labels).item() * 2.5 - plain.item()) < tol * 10
 
 
+def test_linear_cross_entropy_rows_whose_label_probability_underflows() -> None:
+    """The CPU path takes the loss as -log softmax[label]; where that probability is below the smallest
+    normal float32 (a loss above 87) the row's log-sum-exp comes from its logits: loss and gradients still
+    equal the plain path, finite."""
+    from frugallm.model import loss as loss_mod
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 8, requires_grad=True)
+    h = torch.randn(6, 8)
+    labels = torch.randint(0, 40, (6,))
+    h[2] = w[labels[2]].detach() * -40.0  # row 2 scores its own label far below the others
+    h.requires_grad_(True)
+    plain = torch.nn.functional.cross_entropy(h @ w.T, labels, reduction="none")
+    assert plain[2] > 200 and plain.isfinite().all()  # p[label] = exp(-plain) underflows to 0 in float32
+    plain.mean().backward()
+    dh, dw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ours = loss_mod.linear_cross_entropy(h, w, labels)
+    ours.backward()
+    torch.testing.assert_close(ours, plain.mean().detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(h.grad, dh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, dw, rtol=1e-5, atol=1e-6)
+
+
 def test_forward_train_loss_equals_cross_entropy_of_logits() -> None:
     model = build_model(ModelConfig(**SMALL))
     tokens = torch.randint(0, 64, (2, 12))
@@ -209,3 +233,30 @@ def test_fused_gate_up_matches_the_separate_linears() -> None:
     torch.testing.assert_close(y_nograd, ref.detach())
     for a, b in zip(torch.autograd.grad(y.sum(), w), torch.autograd.grad(ref.sum(), w), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_written_out_norm_and_swiglu_backward_equal_autograd() -> None:
+    """RMSNorm and SwiGLU have hand-written backwards (fewer passes over the activation): in float64 they
+    pass gradcheck and equal autograd through the composite formulas, for inputs and the norm's weight."""
+    from frugallm.model.layers import RMSNorm, swiglu
+
+    norm = RMSNorm(16, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, w: norm(t), (x, norm.weight))
+    ref = norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    g = torch.randn_like(x)
+    ours = norm(x)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, (x, norm.weight), g),
+                    torch.autograd.grad(ref, (x, norm.weight), g), strict=True):
+        torch.testing.assert_close(a, b)
+
+    h = torch.randn(4, 3, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (h,))
+    gate, up = h.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(swiglu(h), ref)
+    torch.testing.assert_close(torch.autograd.grad(swiglu(h), h, g)[0], torch.autograd.grad(ref, h, g)[0])

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugallm.config import ModelConfig
-from frugallm.model.layers import MLP
+from frugallm.model.layers import MLP, swiglu
 
 
 class RouterOutput(NamedTuple):
@@ -112,16 +112,14 @@ class GroupedExperts(nn.Module):
         if self.use_grouped_mm and _grouped_mm_usable(xs) and xs.shape[0] > 0:
             offs = counts.cumsum(0).to(torch.int32)  # [E] end offset of each expert's slice
             h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [M, 2*I_m]
-            g, u = h.chunk(2, dim=-1)
-            return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)  # [M, H]
+            return torch._grouped_mm(swiglu(h), down.transpose(-2, -1), offs=offs)  # [M, H]
         outs = []
         # unbind, not gate_up[e]: the backward of one unbind is one stack, where E selects would each
         # allocate and add a zero gradient of the whole stacked weight
         for chunk, w_gu, w_d in zip(xs.split(counts.tolist()), gate_up.unbind(0), down.unbind(0), strict=True):
             if chunk.shape[0] == 0:
                 continue
-            g, u = F.linear(chunk, w_gu).chunk(2, dim=-1)  # [m_e, I_m] each
-            outs.append(F.linear(F.silu(g) * u, w_d))  # [m_e, H]
+            outs.append(F.linear(swiglu(F.linear(chunk, w_gu)), w_d))  # [m_e, 2*I_m] -> [m_e, H]
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:

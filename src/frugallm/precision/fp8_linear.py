@@ -34,9 +34,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from frugallm.model.layers import swiglu
 from frugallm.model.moe import GroupedExperts
 from frugallm.precision.backends import Fp8Backend, select_backend
 from frugallm.precision.quant import E4M3, Fp8Tensor, quantize
@@ -176,8 +176,7 @@ class Fp8GroupedExperts(GroupedExperts):
         backend = select_backend(r.backend, xs.device, r.tile, r.block)
         sizes = counts.tolist()  # one host sync, as the unconverted per-expert loop
         h = _Fp8GemmFn.apply(xs, self.gate_up_proj, sizes, r, backend, out_dtype)  # [M, 2I]
-        g, u = h.chunk(2, dim=-1)  # [M, I] each
-        return _Fp8GemmFn.apply(F.silu(g) * u, self.down_proj, sizes, r, backend, out_dtype)  # [M, H]
+        return _Fp8GemmFn.apply(swiglu(h), self.down_proj, sizes, r, backend, out_dtype)  # [M, H]
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, fp8={self.recipe.describe()}"
