@@ -143,6 +143,21 @@ def test_infinities_and_nan():
     assert (err <= REL_BOUND * x.abs()[~bad] + SUBNORMAL_BOUND * 1.0).all(), "finite neighbours keep precision"
 
 
+@pytest.mark.parametrize("tile", [(1, 128), (128, 128)])
+def test_finite_fast_path_equals_masked_path(tile):
+    """A finite tensor takes the amax without masking; a non-finite element anywhere sends the whole tensor
+    through the masked path. Groups are independent, so the groups without it must come out the same."""
+    x = torch.randn(300, 260) * 5
+    x[:128, :128] = 0.0  # an all-zero group (scale 1), and -0.0 in another
+    x[130, 140] = -0.0
+    y = torch.cat([x, torch.full((128, 260), float("inf"))])  # one more row of groups, all inf
+    for pow2 in (False, True):
+        fast, masked = quantize(x, tile, pow2), quantize(y, tile, pow2)
+        assert torch.equal(fast.scale, masked.scale[: fast.scale.shape[0]])
+        assert torch.equal(fast.data.float(), masked.data[:300].float())  # as values: -0.0 == +0.0
+        assert torch.isnan(masked.data[300:].float()).all()
+
+
 def test_transpose_is_exact():
     w = torch.randn(300, 200)
     q = quantize_blocks(w)
