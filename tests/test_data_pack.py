@@ -10,15 +10,8 @@ import torch
 
 from frugallm.cli import main
 from frugallm.data import pack
-from frugallm.data.pack import (
-    PreparedCorpus,
-    ShardedTokens,
-    TokenLoader,
-    iter_eval_batches,
-    permute,
-    prepare_corpus,
-    token_dtype,
-)
+from frugallm.data.loader import TokenLoader, iter_eval_batches, permute
+from frugallm.data.pack import PreparedCorpus, ShardedTokens, prepare_corpus, token_dtype
 from frugallm.data.sources import iter_documents
 from frugallm.data.tokenizer import EOT, PAD, load_tokenizer, train_tokenizer, write_hf_tokenizer
 from frugallm.errors import CheckpointError, DataError

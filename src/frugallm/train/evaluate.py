@@ -15,7 +15,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from frugallm.data.pack import PreparedCorpus, iter_eval_batches
+from frugallm.data.loader import iter_eval_batches
+from frugallm.data.pack import PreparedCorpus
 
 
 @torch.no_grad()

@@ -220,7 +220,7 @@ class Trainer:
     def run(self, stop_after_step: int | None = None) -> RunResult:
         """Train to the configured horizon. ``stop_after_step`` behaves as a SIGINT arriving during that
         step (a checkpoint, then return): tests use it to interrupt a run at a known point."""
-        from frugallm.data.pack import TokenLoader
+        from frugallm.data.loader import TokenLoader
         from frugallm.train.evaluate import evaluate
         from frugallm.train.rate import RateMeter
 
