@@ -19,6 +19,7 @@ peer is the metric's noise floor at that scale.
     python benchmarks/fp8_parity.py --steps 300                      # cli loop, tiny preset
     python benchmarks/fp8_parity.py --steps 300 --batch-size 8 --seq-len 128   # a smaller batch, faster on a CPU
     python benchmarks/fp8_parity.py --steps 300 --control                 # with the noise floor
+    python benchmarks/fp8_parity.py --steps 300 --reuse                   # re-read finished runs, no training
 """
 
 from __future__ import annotations
@@ -45,7 +46,35 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     return losses
 
 
+def reusable(precision: str, args: argparse.Namespace, out: Path) -> dict[int, float] | None:
+    """With --reuse: the losses of a finished ``frugallm train`` run in ``out`` whose config.toml matches this
+    command (preset, precision, seed, steps, batch, sequence length, threads), else None (it trains)."""
+    if not (args.reuse and (out / "config.toml").is_file() and (out / "metrics.jsonl").is_file()):
+        return None
+    from frugallm.config import preset
+    from frugallm.train.runconfig import read_run_config
+
+    model_cfg, train_cfg = read_run_config(out / "config.toml")
+    want = {"precision": precision, "seed": args.seed, "max_steps": args.steps, "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "threads": args.threads}
+    differ = [f"{k}={getattr(train_cfg, k)!r} (want {v!r})" for k, v in want.items()
+              if v is not None and getattr(train_cfg, k) != v]
+    if model_cfg != preset(args.preset):
+        differ.append(f"model is not the {args.preset} preset")
+    losses = read_losses(out)
+    if not losses or max(losses) < args.steps:
+        differ.append(f"{max(losses, default=0)} of {args.steps} steps logged")
+    if differ:
+        print(f"--reuse: {out} does not match ({'; '.join(differ)}): training again", flush=True)
+        return None
+    print(f"--reuse: reading the {len(losses)} logged steps of {out}", flush=True)
+    return losses
+
+
 def run_cli(precision: str, args: argparse.Namespace, out: Path) -> dict[int, float]:
+    reused = reusable(precision, args, out)
+    if reused is not None:
+        return reused
     cmd = [sys.executable, "-m", "frugallm", "train", "--preset", args.preset, "--precision", precision,
            "--max-steps", str(args.steps), "--seed", str(args.seed), "--out", str(out), "--log-every", "1",
            "--no-progress"]
@@ -180,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a third run, the peer with a rounding-sized change (builtin: initial weights perturbed "
                         "by 2^-9; cli: another CPU thread count), whose drift is the metric's noise floor")
     p.add_argument("--out-dir", type=Path, default=Path("runs/fp8_parity"), help="where runs, PNG and JSON go")
+    p.add_argument("--reuse", action="store_true",
+                   help="cli loop: read runs already finished in --out-dir with the same settings instead of "
+                        "training them again (to re-analyse, or to finish an interrupted comparison)")
     args = p.parse_args(argv)
     if args.loop == "auto":
         args.loop = "cli" if importlib.util.find_spec("frugallm.train.cli") else "builtin"
@@ -231,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"last {args.window} steps: mean {args.peer} {peer_mean:.4f}, mean fp8 {fp8_mean:.4f}; "
           f"mean relative difference {100 * mean_rel:.3f}% (difference of the means "
           f"{100 * abs(fp8_mean - peer_mean) / peer_mean:.3f}%)")
+    blocks = [(steps[i], steps[min(i + 24, len(steps) - 1)],
+               100 * sum((fp8[j] - peer[j]) / peer[j] for j in range(i, min(i + 25, len(steps))))
+               / len(range(i, min(i + 25, len(steps))))) for i in range(0, len(steps), 25)]
+    print("signed difference (fp8 - peer) / peer, mean per 25-step block, %: "
+          + "  ".join(f"{a}-{b}: {d:+.2f}" for a, b, d in blocks))
     control_rel = None
     if control_losses:
         last_steps = steps[last]

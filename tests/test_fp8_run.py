@@ -24,3 +24,34 @@ def test_fp8_run_keeps_the_peer_precision_outside_its_gemms(tmp_path) -> None:
     fp32 = Trainer(preset("tiny"), TrainConfig(precision="fp32", device="cpu", max_steps=1), tmp_path / "run2",
                    progress=False)
     assert fp32.amp_dtype is None and fp32.precision_label == "fp32"
+
+
+def test_parity_benchmark_reuses_only_a_matching_finished_run(tmp_path, capsys) -> None:
+    """`fp8_parity.py --reuse` re-reads a finished run instead of training it again, and only when its
+    config.toml is the one this command would write: another batch size, or too few steps, trains again."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from frugallm.train.runconfig import write_run_config
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_parity.py"
+    spec = importlib.util.spec_from_file_location("fp8_parity_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = tmp_path / "fp8"
+    run.mkdir()
+    write_run_config(run / "config.toml", preset("tiny"),
+                     TrainConfig(precision="fp8", seed=0, max_steps=3, batch_size=8, seq_len=64))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0 - s}) + "\n" for s in (1, 2, 3))
+                                       + json.dumps({"step": 3, "val_loss": 7.0}) + "\n")
+    args = argparse.Namespace(reuse=True, preset="tiny", seed=0, steps=3, batch_size=8, seq_len=64, threads=None)
+    assert bench.reusable("fp8", args, run) == {1: 8.0, 2: 7.0, 3: 6.0}
+    assert bench.reusable("fp32", args, run) is None  # another precision
+    assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "batch_size": 16}), run) is None
+    assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "steps": 4}), run) is None
+    assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "preset": "tiny-dense"}), run) is None
+    assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "reuse": False}), run) is None
+    out = capsys.readouterr().out
+    assert "batch_size=8 (want 16)" in out and "3 of 4 steps logged" in out
