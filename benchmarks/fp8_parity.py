@@ -52,9 +52,14 @@ def reusable(precision: str, args: argparse.Namespace, out: Path) -> dict[int, f
     if not (args.reuse and (out / "config.toml").is_file() and (out / "metrics.jsonl").is_file()):
         return None
     from frugallm.config import preset
+    from frugallm.errors import ConfigError
     from frugallm.train.runconfig import read_run_config
 
-    model_cfg, train_cfg = read_run_config(out / "config.toml")
+    try:
+        model_cfg, train_cfg = read_run_config(out / "config.toml")
+    except ConfigError as e:
+        print(f"--reuse: {out}/config.toml is unreadable ({e}): training again", flush=True)
+        return None
     want = {"precision": precision, "seed": args.seed, "max_steps": args.steps, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "threads": args.threads}
     differ = [f"{k}={getattr(train_cfg, k)!r} (want {v!r})" for k, v in want.items()
@@ -263,11 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"last {args.window} steps: mean {args.peer} {peer_mean:.4f}, mean fp8 {fp8_mean:.4f}; "
           f"mean relative difference {100 * mean_rel:.3f}% (difference of the means "
           f"{100 * abs(fp8_mean - peer_mean) / peer_mean:.3f}%)")
-    blocks = [(steps[i], steps[min(i + 24, len(steps) - 1)],
-               100 * sum((fp8[j] - peer[j]) / peer[j] for j in range(i, min(i + 25, len(steps))))
-               / len(range(i, min(i + 25, len(steps))))) for i in range(0, len(steps), 25)]
+    signed = [(b - a) / a for a, b in zip(peer, fp8, strict=True)]
+    blocks = [(steps[i : i + 25], signed[i : i + 25]) for i in range(0, len(steps), 25)]
     print("signed difference (fp8 - peer) / peer, mean per 25-step block, %: "
-          + "  ".join(f"{a}-{b}: {d:+.2f}" for a, b, d in blocks))
+          + "  ".join(f"{ss[0]}-{ss[-1]}: {100 * sum(d) / len(d):+.2f}" for ss, d in blocks))
     control_rel = None
     if control_losses:
         last_steps = steps[last]

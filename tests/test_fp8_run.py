@@ -55,3 +55,6 @@ def test_parity_benchmark_reuses_only_a_matching_finished_run(tmp_path, capsys) 
     assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "reuse": False}), run) is None
     out = capsys.readouterr().out
     assert "batch_size=8 (want 16)" in out and "3 of 4 steps logged" in out
+    (run / "config.toml").write_text("[train\n")  # a damaged config: named, then it trains again
+    assert bench.reusable("fp8", args, run) is None
+    assert "config.toml is unreadable" in capsys.readouterr().out
