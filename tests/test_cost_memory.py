@@ -21,6 +21,8 @@ from frugallm.cost.memory import (
 from frugallm.cost.params import param_counts
 from frugallm.errors import ConfigError, ResourceError
 from frugallm.model import build_model
+from frugallm.precision import Fp8Recipe, convert_to_fp8
+from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
 from shapes import COST_SMALL
 
 SMALL = COST_SMALL
@@ -92,9 +94,14 @@ def test_weight_bytes_by_dtype() -> None:
         weight_bytes(cfg, "int3")
 
 
-def _saved_bytes(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int) -> float:
-    """Bytes of the distinct non-parameter storages autograd saves for the backward of forward_train."""
+def _saved(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | None = None
+           ) -> tuple[int, torch.Tensor | None]:
+    """Bytes of the distinct non-parameter storages autograd saves for the backward of forward_train, and
+    the tokens each expert of each MoE layer received. ``fp8``: the model converted to FP8 GEMMs (emulated),
+    with its linears' inputs saved in e4m3 when True."""
     model = build_model(cfg, dtype=dtype)
+    if fp8 is not None:
+        convert_to_fp8(model, Fp8Recipe(backend="emulated", fp8_saved_activations=fp8))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -104,27 +111,131 @@ def _saved_bytes(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int) -> float:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    tokens = torch.randint(0, cfg.vocab_size, (B, S + 1 + cfg.num_nextn_predict_layers))
+    tokens = torch.randint(0, cfg.vocab_size, (B, S + 1 + cfg.num_nextn_predict_layers),
+                           generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.forward_train(tokens)
-    return sum(saved.values())
+        out = model.forward_train(tokens)
+    return sum(saved.values()), out.loads
 
 
-@pytest.mark.parametrize("changes, dtype, tol", [
-    (dict(num_nextn_predict_layers=1), torch.float32, 0.03),
-    (dict(attention="gqa", num_key_value_heads=1), torch.float32, 0.03),
-    (dict(q_lora_rank=None, ffn="dense"), torch.float32, 0.03),
-    (dict(num_nextn_predict_layers=1), torch.bfloat16, 0.10),
-])
-def test_activations_match_saved_tensors(changes, dtype, tol) -> None:
-    cfg = ModelConfig(**{**SMALL, **changes})
-    S = 48
-    measured = _saved_bytes(cfg, dtype, B=2, S=S)
+def _saved_bytes(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | None = None) -> int:
+    return _saved(cfg, dtype, B, S, fp8)[0]
+
+
+def _predicted(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | None = None) -> int:
     # d_qk > d_v here, so on the CPU v is padded to d_qk for the flash kernel (model.attention.CPU_FLASH_PAD_V)
     name = "fp32" if dtype == torch.float32 else "bf16"
-    predicted = (2 * S * activation_bytes_per_token(cfg, S, dtype=name, fused_attention=True, pad_v=True)
-                 + step_buffer_bytes(cfg, dtype=name))
+    gemms = fp8 is not None
+    return (B * S * activation_bytes_per_token(cfg, S, dtype=name, fused_attention=True, pad_v=True,
+                                               fp8_gemms=gemms, fp8_saved_activations=bool(fp8))
+            + step_buffer_bytes(cfg, dtype=name, fp8_gemms=gemms))
+
+
+MOE_MTP, DENSE = dict(num_nextn_predict_layers=1), dict(q_lora_rank=None, ffn="dense")
+
+
+@pytest.mark.parametrize("changes, dtype, fp8, tol", [
+    (MOE_MTP, torch.float32, None, 0.03),
+    (dict(attention="gqa", num_key_value_heads=1), torch.float32, None, 0.03),
+    (DENSE, torch.float32, None, 0.03),
+    (MOE_MTP, torch.bfloat16, None, 0.10),
+    # converted to FP8 GEMMs, linears' inputs saved as they are (False) or in e4m3 (True)
+    (MOE_MTP, torch.float32, False, 0.03),
+    (MOE_MTP, torch.float32, True, 0.03),
+    (DENSE, torch.float32, False, 0.03),
+    (DENSE, torch.float32, True, 0.03),
+    (MOE_MTP, torch.bfloat16, True, 0.10),
+])
+def test_activations_match_saved_tensors(changes, dtype, fp8, tol) -> None:
+    cfg = ModelConfig(**{**SMALL, **changes})
+    S = 48 if fp8 is None else 64  # FP8: B*S = 128 tokens, one whole 1 x 128 scale tile per saved input row
+    measured = _saved_bytes(cfg, dtype, B=2, S=S, fp8=fp8)
+    predicted = _predicted(cfg, dtype, B=2, S=S, fp8=fp8)
     assert abs(predicted - measured) / measured < tol, (predicted, measured)
+
+
+@pytest.mark.parametrize("changes, dtype, fp8", [
+    (MOE_MTP, torch.float32, False), (MOE_MTP, torch.float32, True), (DENSE, torch.float32, False),
+    (DENSE, torch.float32, True), (MOE_MTP, torch.bfloat16, True),
+])
+def test_fp8_conversion_changes_saved_tensors_as_predicted(changes, dtype, fp8) -> None:
+    """What converting to FP8 GEMMs changes in the saved tensors, to the byte: the step buffers (e4m3
+    weights and scales in, concatenated gate/up weights out) and the linears' inputs. The model's other
+    small terms cancel in the difference, so a wrong FP8 term cannot hide in the tolerance above."""
+    cfg = ModelConfig(**{**SMALL, **changes})
+    B, S = 2, 64
+    plain = _saved_bytes(cfg, dtype, B, S)
+    converted, loads = _saved(cfg, dtype, B, S, fp8)
+    predicted = _predicted(cfg, dtype, B, S, fp8) - _predicted(cfg, dtype, B, S)
+    if fp8 and loads is not None:
+        # each routed expert quantizes its own m_e tokens, ceil(m_e / 128) tiles, where the per-token model
+        # counts B*S*k / 128: the scales of the two grouped GEMMs' inputs (K = H, then I_m), per MoE layer
+        tiles = sum(math.ceil(m / 128) for m in loads.flatten().tolist())
+        tiles -= loads.shape[0] * B * S * cfg.num_experts_per_tok / 128
+        predicted += 4 * (cfg.hidden_size + cfg.moe_intermediate_size) * tiles
+    # activation_bytes_per_token rounds its fraction of a byte up once: less than a byte per token
+    assert 0 <= predicted - (converted - plain) < (B * S if fp8 else 1), (predicted, converted - plain)
+
+
+def test_fp8_saved_activations_at_deepseek_v3_scale() -> None:
+    cfg = preset("deepseek-v3")
+    plain = activation_bytes_per_token(cfg, 4096)
+    assert activation_bytes_per_token(cfg, 4096, fp8_gemms=True) == plain  # the same tensors kept
+    fp8 = activation_bytes_per_token(cfg, 4096, fp8_gemms=True, fp8_saved_activations=True)
+    # bf16 (b = 2) against 1 + 4/128 = 33/32 bytes per element of a converted linear's input, per token:
+    #   attention (62 blocks, MTP's included): r_q + r_kv + n_h*d_v = 1536 + 512 + 16384 go from 2 to 33/32,
+    #     the input norm's H = 7168 from 2 to 2 x 33/32 (q_a_proj and kv_a_proj each keep a copy):
+    #     18432 * 31/32 - 7168 / 16 = 17408
+    #   dense FFN (3 layers): I = 18432 from 2 to 33/32, the norm's H to two copies: 17408
+    #   MoE (58 + MTP's): per routed pair H + I_m = 9216, shared expert's product I_m = 2048 from 2 to 33/32;
+    #     the norm's bf16 output goes (the router keeps its fp32 copy), two e4m3 copies come for the shared
+    #     expert's gate and up: 8 * 9216 * 31/32 + 2048 * 31/32 - 7168 / 16 = 72960
+    #   MTP: the concatenation 2H = 14336 read by eh_proj: 14336 * 31/32 = 13888
+    assert plain - fp8 == 62 * 17408 + 3 * 17408 + 59 * 72960 + 13888 == 5_450_048  # 12.7% of 42,960,168
+    assert activation_bytes_per_token(cfg, 4096, recompute=True, fp8_gemms=True, fp8_saved_activations=True) < \
+        activation_bytes_per_token(cfg, 4096, recompute=True)
+    with pytest.raises(ConfigError, match="fp8_saved_activations.*fp8_gemms"):
+        activation_bytes_per_token(cfg, 4096, fp8_saved_activations=True)
+    with pytest.raises(ConfigError, match="fp8_tile"):
+        activation_bytes_per_token(cfg, 4096, fp8_gemms=True, fp8_saved_activations=True, fp8_tile=0)
+
+
+def test_training_memory_fp8_step_buffers_are_the_converted_weights() -> None:
+    """Per step, FP8 GEMMs keep every converted matrix in e4m3 plus one fp32 scale per 128 x 128 block
+    (partial blocks included, per expert for stacked experts), counted here from the converted model."""
+    # hidden 160 and I 200: partial blocks; I_m = 16: the stacked gate_up [2 I_m, H] is one block row, where
+    # gate and up apart would be two
+    cfg = ModelConfig(**{**SMALL, "hidden_size": 160, "intermediate_size": 200, "num_nextn_predict_layers": 1})
+    model = convert_to_fp8(build_model(cfg, device="meta"), Fp8Recipe(backend="emulated"))
+    copies = n_matrices = 0
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            weights = [module.weight]
+        elif isinstance(module, Fp8GroupedExperts):
+            weights = [module.gate_up_proj, module.down_proj]
+        else:
+            continue
+        for w in weights:
+            *experts, rows, cols = w.shape
+            copies += math.prod(experts) * (rows * cols + 4 * math.ceil(rows / 128) * math.ceil(cols / 128))
+            n_matrices += 1
+    assert n_matrices == 3 * 5 + 3 + 2 * 5 + 1  # 3 blocks' attention, a dense FFN, 2 MoE FFNs, MTP eh_proj
+    head = 2 * 4 * cfg.vocab_size * cfg.hidden_size  # the fused head's fp32 weight gradient, main and MTP
+    plain = training_memory(cfg, 256, precision="fp32")
+    fp8 = training_memory(cfg, 256, precision="fp32", fp8_gemms=True)
+    assert fp8.step_buffers == head + copies
+    assert training_memory(cfg, 256, precision="bf16", fp8_gemms=True).step_buffers == head + copies
+    assert (fp8.weights, fp8.master_weights, fp8.grads, fp8.optimizer, fp8.activations) == (
+        plain.weights, plain.master_weights, plain.grads, plain.optimizer, plain.activations)
+    saved = training_memory(cfg, 256, precision="fp32", fp8_gemms=True, fp8_saved_activations=True)
+    assert saved.activations < fp8.activations and saved.step_buffers == fp8.step_buffers
+    # the published FP8 layout: the weights already are e4m3 (in ``weights``), no per-step copy of them
+    published = training_memory(cfg, 256, precision="fp8")
+    assert published.step_buffers == head
+    assert training_memory(cfg, 256, precision="fp8", fp8_gemms=True) == published
+    assert training_memory(cfg, 256, precision="fp8", fp8_saved_activations=True).activations < published.activations
+    with pytest.raises(ConfigError, match="fp8_saved_activations.*fp8_gemms"):
+        training_memory(cfg, 256, precision="bf16", fp8_saved_activations=True)
 
 
 def test_recompute_and_attention_kernel() -> None:

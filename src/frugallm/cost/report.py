@@ -16,6 +16,11 @@ cost.json fields (stable; extra fields may be added, none removed):
     price_per_device_hour   USD (null when unknown)
     cost_usd                device_hours * price_per_device_hour (null when the price is unknown)
     tokens_per_second       tokens / wall_seconds, all devices together
+Written by ``frugallm train`` beside these (not needed by ``--from-run``):
+    memory_estimate         frugallm.cost.memory.training_memory per device, in bytes by part and total,
+                            as checked before the run started
+    memory_peak_bytes       measured: the GPU allocator's peak, or on a CPU the process's peak resident set
+    memory_peak_source      which of the two
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--seed", "seed", int, "random seed (model init, data order)"),
     ("--precision", "precision", str, "auto | fp32 | bf16 | fp8 (default auto: bf16 where it is faster)"),
     ("--fp8-backend", "fp8_backend", str, "auto | emulated | hopper"),
+    ("--adam-moments", "adam_moments", str, "fp32 | bf16: AdamW's two moments, 8 or 4 bytes per parameter "
+     "(default fp32)"),
     ("--batch-size", "batch_size", int, "sequences per optimizer step, global"),
     ("--seq-len", "seq_len", int, "tokens per sequence"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
@@ -70,6 +72,8 @@ def _resolve_configs(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         changes["data"] = list(args.data)
     if args.activation_checkpointing:
         changes["activation_checkpointing"] = True
+    if args.fp8_saved_activations:
+        changes["fp8_saved_activations"] = True
     if args.max_steps is not None or args.max_tokens is not None:
         if args.time_budget_s is None:
             changes["time_budget_s"] = None  # an explicit step/token horizon replaces the default budget
@@ -121,6 +125,7 @@ def run_train(args: argparse.Namespace) -> int:
         if trainer.dist.is_main:
             console.print(f"run directory: {run_dir}   device: {trainer.device}   precision: "
                           f"{trainer.precision_label}   {trainer.dist.describe()}")
+            console.print(trainer.memory_summary())
         result = trainer.run()
         trainer.dist.close()  # every rank is done with collectives; rank 0 only prints from here
     if not trainer.dist.is_main:
@@ -147,6 +152,10 @@ def run_train(args: argparse.Namespace) -> int:
                   + (f"   MFU {mfu * 100:.1f}%" if mfu else "")
                   + (f"   ${c['cost_usd']:.4f} at ${c['price_per_device_hour']:.2f}/device-hour"
                      if c.get("cost_usd") is not None else "   (no price: pass --price-per-hour to count $)"))
+    from frugallm.cost.memory import format_bytes
+
+    console.print(f"memory: estimate {format_bytes(c['memory_estimate']['total'])} per device; measured peak "
+                  f"{format_bytes(c['memory_peak_bytes'])} ({c['memory_peak_source']})")
     if (run_dir / "model").is_dir():
         from frugallm.train.sample import sample_text
 
@@ -198,6 +207,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its newest checkpoint")
     p.add_argument("--nproc", type=int, default=None, help="processes on this machine (torch elastic launcher)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--fp8-saved-activations", action="store_true",
+                   help="with --precision fp8: keep linear inputs for the backward in e4m3 (about 1 byte each)")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     for flag, field, _typ, help_ in _TRAIN_FLAGS:
         p.add_argument(flag, dest=field, default=None, help=help_)

@@ -9,6 +9,10 @@ from typing import Any
 from frugallm.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
+MOMENT_DTYPES = ("fp32", "bf16")
+# a bf16 moment times beta rounds back to itself when 1 - beta is under half its relative step, 2^-8 at
+# worst, and then never decays (frugallm.train.optim)
+BF16_MAX_BETA = 1 - 2**-8
 
 
 @dataclass(kw_only=True)
@@ -32,6 +36,7 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    adam_moments: str = "fp32"  # fp32 | bf16: the dtype AdamW keeps its two moments in (8 or 4 bytes/param)
     # DeepSeek-V3 objectives and balancing
     mtp_lambda: float = 0.3
     balance_alpha: float = 1e-4
@@ -41,6 +46,9 @@ class TrainConfig:
     # measured bf16 matmul rate beats fp32 (AVX512-BF16/AMX); fp32 on CPUs that only emulate bf16 (AVX2)
     precision: str = "auto"
     fp8_backend: str = "auto"
+    # keep each FP8 linear's input for the backward as e4m3 tiles (1 + 4/128 bytes per element) instead of
+    # at the activation dtype, as DeepSeek-V3 caches Linear inputs (section 3.3.3); precision fp8 only
+    fp8_saved_activations: bool = False
     activation_checkpointing: bool = False
     # parallel layout over the processes torchrun starts (frugallm.train.distributed): world = dp x ep;
     # every rank reads its own share of the batch, routed experts are split over ep ranks
@@ -81,6 +89,23 @@ class TrainConfig:
             raise ConfigError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {v!r}")
+        if self.adam_moments not in MOMENT_DTYPES:
+            raise ConfigError(f"adam_moments must be one of {', '.join(MOMENT_DTYPES)}, got {self.adam_moments!r}")
+        if self.adam_moments == "bf16":
+            for name in ("beta1", "beta2"):
+                if getattr(self, name) >= BF16_MAX_BETA:
+                    raise ConfigError(
+                        f"adam_moments = 'bf16' needs {name} below {BF16_MAX_BETA:.5f}, got {getattr(self, name)}: "
+                        f"a bf16 moment times {name} rounds back to itself and would never decay "
+                        f"(DeepSeek-V3 uses 0.9 and 0.95); use adam_moments = 'fp32'")
+        if not isinstance(self.fp8_saved_activations, bool):
+            raise ConfigError(f"fp8_saved_activations must be true or false, got {self.fp8_saved_activations!r}")
+        if self.fp8_saved_activations and self.precision != "fp8":
+            raise ConfigError(f"fp8_saved_activations needs precision = 'fp8', got precision = {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 0 < self.val_fraction < 0.5:

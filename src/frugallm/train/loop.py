@@ -127,6 +127,21 @@ def available_memory(device: torch.device) -> int:
     return 1 << 62  # unknown: do not refuse
 
 
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """The measured peak to set against the estimate: on a GPU the allocator's peak of live tensors (what the
+    estimate models); on a CPU the process's peak resident set, which adds Python, the libraries and the
+    data loader, so it sits above the estimate."""
+    if device.type == "cuda":
+        return {"memory_peak_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "memory_peak_source": "torch.cuda.max_memory_allocated"}
+    import resource
+    import sys
+
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return {"memory_peak_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * unit,
+            "memory_peak_source": "process peak resident set (ru_maxrss)"}
+
+
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  progress: bool = True, dist: Any = None):
@@ -149,6 +164,7 @@ class Trainer:
         self.amp_dtype = None if outer == "fp32" else torch.bfloat16
         self.precision_label = cfg.precision + (f" (FP8 GEMMs, {outer} elsewhere)" if cfg.precision == "fp8" else "")
         self.depth = model_cfg.num_nextn_predict_layers
+        self._check_memory()  # before any data is read: a run that cannot fit fails in a second
 
     # ----- set-up -------------------------------------------------------------------------------------
     def _check_resume(self) -> None:
@@ -182,21 +198,36 @@ class Trainer:
 
         micro = self.cfg.batch_size // self.cfg.grad_accum // self.dist.world_size
         mem = training_memory(self.model_cfg, micro * self.cfg.seq_len, seq_len=self.cfg.seq_len,
-                              precision=self.outer_precision,
+                              precision=self.outer_precision, moments=self.cfg.adam_moments,
+                              fp8_gemms=self.cfg.precision == "fp8",
+                              fp8_saved_activations=self.cfg.fp8_saved_activations,
                               master_weights=False, recompute=self.cfg.activation_checkpointing,
                               pad_v=CPU_FLASH_PAD_V and self.device.type == "cpu", shards=self.dist.world_size)
-        try:
-            require_fits(mem, available_memory(self.device), where=f"this {self.device.type} device")
-        except ResourceError:
-            raise
+        self.memory_available = available_memory(self.device)
+        require_fits(mem, self.memory_available, where=f"this {self.device.type} device")
         self.memory_estimate = mem.as_dict()
+
+    def memory_summary(self) -> str:
+        """One line: the estimate per device by part, with the switches that shrink it."""
+        from frugallm.cost.memory import format_bytes
+
+        m = self.memory_estimate
+        parts = [f"weights {format_bytes(m['weights'])}", f"grads {format_bytes(m['grads'])}",
+                 f"AdamW moments ({self.cfg.adam_moments}) {format_bytes(m['optimizer'])}",
+                 f"activations{' (fp8 linear inputs)' if self.cfg.fp8_saved_activations else ''} "
+                 f"{format_bytes(m['activations'])}"]
+        if m["step_buffers"]:
+            parts.append(f"per-step buffers {format_bytes(m['step_buffers'])}")
+        avail = "" if self.memory_available >= 1 << 62 else f" of {format_bytes(self.memory_available)} available"
+        return f"memory estimate: {format_bytes(m['total'])} per device{avail} ({', '.join(parts)})"
 
     def _build(self) -> DeepseekV3LM:
         model = build_model(self.model_cfg, device=self.device, seed=self.cfg.seed)
         if self.cfg.precision == "fp8":
-            from frugallm.precision import convert_to_fp8
+            from frugallm.precision import Fp8Recipe, convert_to_fp8
 
-            convert_to_fp8(model, backend=self.cfg.fp8_backend)
+            convert_to_fp8(model, Fp8Recipe(fp8_saved_activations=self.cfg.fp8_saved_activations),
+                           backend=self.cfg.fp8_backend)
         if self.cfg.activation_checkpointing:
             from frugallm.train.distributed import apply_activation_checkpointing
 
@@ -233,7 +264,6 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         corpus = self._prepare_data()
-        self._check_memory()
         if is_main:
             write_run_config(self.run_dir / "config.toml", self.model_cfg, cfg)
             shutil.copyfile(corpus.tokenizer_path, self.run_dir / "tokenizer.json")
@@ -343,7 +373,8 @@ class Trainer:
         metrics.write({"step": step, "tokens": tokens, "final": True, **final})
         metrics.close()
         result.final = final
-        result.cost = meter.cost_record(tokens, elapsed)
+        result.cost = {**meter.cost_record(tokens, elapsed), "memory_estimate": self.memory_estimate,
+                       **peak_memory(self.device)}
         export = self.dist.gather_model(model)  # collective; the full model on rank 0 only
         if is_main:
             from frugallm.cost.report import write_cost_json
