@@ -42,6 +42,33 @@ def test_deepseek_v3_reproduction(capsys) -> None:
     assert rc == 0 and "$5.576M" in out and "70,272" in out
 
 
+def test_training_memory_and_what_each_switch_saves(capsys) -> None:
+    """The memory rows are training_memory's figures for the flags given, and each saving is the difference
+    against the same run with the switch flipped."""
+    from frugallm.cost.memory import training_memory
+
+    cfg = preset("tiny")
+    base = ["cost", "--preset", "tiny", "--tokens", "1e9", "--seq-len", "256", "--micro-batch", "8"]
+    plain = run_json([*base, "--precision", "fp8"], capsys)["train_memory"]
+    lean = run_json([*base, "--precision", "fp8", "--adam-moments", "bf16", "--fp8-saved-activations"],
+                    capsys)["train_memory"]
+    want = training_memory(cfg, 8 * 256, seq_len=256, precision="bf16", moments="bf16", fp8_gemms=True,
+                           fp8_saved_activations=True)
+    assert lean["total"] == want.total and lean["optimizer"] == want.optimizer
+    n = param_counts(cfg).total_with_mtp
+    assert plain["optimizer"] == 8 * n and lean["optimizer"] == 4 * n
+    assert plain["savings"]["bf16_moments"] == lean["savings"]["bf16_moments"] == 4 * n
+    assert plain["total"] - lean["total"] == 4 * n + lean["savings"]["fp8_saved_activations"]
+    assert lean["savings"]["fp8_saved_activations"] == plain["activations"] - lean["activations"] > 0
+    assert run_json(base, capsys)["train_memory"]["savings"]["fp8_saved_activations"] is None  # bf16 run
+    # sharded over 8 GPUs: states / 8, activations per GPU unchanged; V3 on one H800 does not fit
+    sharded = run_json([*base, "--precision", "fp8", "--gpus", "8"], capsys)["train_memory"]
+    assert sharded["optimizer"] == -(-8 * n // 8) and sharded["activations"] == plain["activations"]
+    assert run_json([*V3, "--mfu", "0.4"], capsys)["train_memory"]["fits"] is False
+    rc, out, _ = run([*base, "--precision", "fp8", "--adam-moments", "bf16"], capsys)
+    assert rc == 0 and "saved by --adam-moments bf16" in out and "what --fp8-saved-activations would save" in out
+
+
 def test_pre_training_share_implies_mfu(capsys) -> None:
     rec = run_json([*V3, "--gpu-hours", "2.664e6"], capsys)
     # REFERENCE.md, derived: 14.8T tokens in 2,664K GPU-hours is about 1,543 tokens/s per H800
@@ -176,6 +203,8 @@ def test_serve(tmp_path: Path, capsys) -> None:
     (["cost", "--preset", "tiny", "--tokens", "1e9", "--gpu", "gaudi3", "--mfu", "0.4"], "pass --price"),
     (["cost", "--preset", "tiny", "--tokens", "1e9", "--from-run", "/nonexistent"], "cost.json not found"),
     (["cost", "--preset", "tiny-dense", "--tokens", "1e9", "--vs-dense"], "already dense"),
+    (["cost", "--preset", "tiny", "--tokens", "1e9", "--fp8-saved-activations"], "needs --precision fp8"),
+    (["cost", "--preset", "tiny", "--tokens", "1e9", "--micro-batch", "0"], "--micro-batch must be a positive"),
     (["cost", "serve", "--preset", "tiny", "--gpu", "h800"], "a decode rate is required"),
     (["cost", "serve", "--preset", "tiny", "--gpu", "h800", "--tokens-per-second", "0"],
      "--tokens-per-second must be a positive number"),

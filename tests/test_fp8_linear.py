@@ -90,6 +90,32 @@ def test_saved_activation_bytes(saved_fp8):
     assert lin.weight.grad is not None and x.grad is not None
 
 
+@pytest.mark.parametrize("sizes", [None, [150, 0, 7, 200]], ids=["linear", "grouped"])
+def test_weight_copies_off_gives_the_same_numbers_and_keeps_no_e4m3_weight(sizes):
+    """cache_weights=False (sharded runs) quantizes the weight again in the backward: the same blocks, so the
+    same output and gradients to the bit, and no e4m3 weight copy held from forward to backward."""
+    torch.manual_seed(0)
+    M, K, N = sum(sizes or [300]), 300, 260
+    w = torch.randn(*([len(sizes)] if sizes else []), N, K) * 0.02
+    x, dy = torch.randn(M, K), torch.randn(M, N)
+    out = {}
+    for cache in (True, False):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        kept: list[torch.dtype] = []
+
+        def pack(t, kept=kept):
+            kept.append(t.dtype)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = _Fp8GemmFn.apply(xi, wi, sizes, Fp8Recipe(cache_weights=cache), EmulatedBackend(), torch.float32)
+        y.backward(dy)
+        out[cache] = (y, xi.grad, wi.grad)
+        assert (torch.float8_e4m3fn in kept) == cache
+    for a, b in zip(out[True], out[False], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_zero_input_gives_zero_output_and_finite_grads():
     lin = _fp8_linear(torch.randn(64, 200), Fp8Recipe())
     x = torch.zeros(10, 200, requires_grad=True)

@@ -22,7 +22,7 @@ from frugallm.cost.flops import (
     train_flops_per_token,
 )
 from frugallm.cost.hardware import Device, get_device
-from frugallm.cost.memory import format_bytes, kv_cache_bytes_per_token, weight_bytes
+from frugallm.cost.memory import format_bytes, kv_cache_bytes_per_token, training_memory, weight_bytes
 from frugallm.cost.params import dense_width_for_params, param_counts
 from frugallm.cost.prices import load_prices
 from frugallm.cost.report import read_cost_json, run_model_config
@@ -113,12 +113,46 @@ def _model_figures(cfg: ModelConfig, seq_len: int, tokens: float) -> dict[str, A
     }
 
 
+def memory_estimate(cfg: ModelConfig, *, seq_len: int, micro_batch: int = 1, precision: str = "bf16",
+                    adam_moments: str = "fp32", fp8_saved_activations: bool = False, recompute: bool = False,
+                    gpus: int | None = None) -> dict[str, Any]:
+    """Training memory per GPU as ``frugallm train`` keeps it on a GPU (``frugallm.cost.memory.training_memory``):
+    fp32 parameters (the master copy) with bf16 autocast copies, fp32 gradients, AdamW moments in
+    ``adam_moments``, activations of ``micro_batch`` sequences, and with ``precision`` fp8 the e4m3 weight
+    copies per step. Weights, gradients and moments are sharded over ``gpus`` (FSDP) when given. Also what
+    each memory switch saves, or would save, against the same run without it."""
+    if precision not in ("bf16", "fp8"):
+        raise ConfigError(f"precision must be bf16 or fp8, got {precision!r}")
+    if adam_moments not in ("fp32", "bf16"):
+        raise ConfigError(f"--adam-moments must be fp32 or bf16, got {adam_moments!r}")
+    if fp8_saved_activations and precision != "fp8":
+        raise ConfigError("--fp8-saved-activations needs --precision fp8")
+    _positive("--micro-batch", micro_batch)
+
+    def mem(moments: str, fp8_saved: bool) -> dict[str, int]:
+        return training_memory(cfg, micro_batch * seq_len, seq_len=seq_len, precision="bf16", moments=moments,
+                               fp8_gemms=precision == "fp8", fp8_saved_activations=fp8_saved,
+                               recompute=recompute, shards=gpus or 1).as_dict()
+
+    this = mem(adam_moments, fp8_saved_activations)
+    other_moments = mem("fp32" if adam_moments == "bf16" else "bf16", fp8_saved_activations)
+    savings = {"bf16_moments": abs(other_moments["total"] - this["total"]), "fp8_saved_activations": None}
+    if precision == "fp8":
+        savings["fp8_saved_activations"] = abs(mem(adam_moments, not fp8_saved_activations)["total"]
+                                               - this["total"])
+    return {**this, "micro_batch": micro_batch, "shards": gpus or 1, "adam_moments": adam_moments,
+            "fp8_saved_activations": fp8_saved_activations, "activation_checkpointing": recompute,
+            "savings": savings}
+
+
 def training_estimate(cfg: ModelConfig, *, model: str, tokens: float, seq_len: int, gpu: str | None = None,
                       price: float | None = None, mfu: float | None = None, gpu_hours: float | None = None,
                       from_run: str | Path | None = None, precision: str = "bf16", gpus: int | None = None,
-                      vs_dense: bool = False, hardware_file: str | None = None) -> dict[str, Any]:
+                      vs_dense: bool = False, hardware_file: str | None = None,
+                      memory: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record ``frugallm cost`` prints. At most one of ``mfu``, ``gpu_hours``, ``from_run`` turns FLOPs
-    into GPU-hours; with none only the model's figures are filled in."""
+    into GPU-hours; with none only the model's figures are filled in. ``memory`` holds the keyword
+    arguments of ``memory_estimate`` besides the model, sequence, precision and GPUs."""
     _positive("--tokens", tokens)
     _positive("--mfu", mfu, upper=1.0)
     _positive("--gpu-hours", gpu_hours)
@@ -139,6 +173,9 @@ def training_estimate(cfg: ModelConfig, *, model: str, tokens: float, seq_len: i
                mfu_source=None, gpu_hours=None, price_per_gpu_hour=None, cost_usd=None,
                tokens_per_second_per_gpu=None, achieved_tflops_per_gpu=None, gpus=gpus, wall_days=None,
                from_run=None, vs_dense=None)
+    rec["train_memory"] = memory_estimate(cfg, seq_len=seq_len, precision=precision, gpus=gpus, **(memory or {}))
+    rec["train_memory"]["fits"] = (None if device is None
+                                   else rec["train_memory"]["total"] <= device.memory_gb * 1e9)
     if (mfu is not None or gpu_hours is not None) and device is None:
         raise ConfigError("--gpu is required with --mfu or --gpu-hours (e.g. --gpu h800)")
     rate = None  # achieved FLOP/s per device
@@ -230,6 +267,7 @@ def _render_training(rec: dict[str, Any]) -> None:
                   f"{rec['train_flops_per_token'] / rec['six_n_flops_per_token']:.3f}")
     table.add_row("total_flops", f"{rec['total_flops']:.4g}", "train_flops_per_token x tokens")
     table.add_row("kv_cache_bytes_per_token", f"{rec['kv_cache_bytes_per_token']:,} B", "bf16, all layers")
+    _memory_rows(table, rec)
     if rec["gpu_hours"] is not None:
         src = {"given": "from --mfu", "implied": "given", "measured": "at the run's measured rate"}
         table.add_row("gpu_hours", _si(rec["gpu_hours"], 3), src[rec["mfu_source"]])
@@ -262,6 +300,31 @@ def _render_training(rec: dict[str, Any]) -> None:
         console.print(dense)
 
 
+def _memory_rows(table: Table, rec: dict[str, Any]) -> None:
+    m = rec["train_memory"]
+    where = f"FSDP over {m['shards']:,} GPUs" if m["shards"] > 1 else "one GPU, nothing sharded"
+    fits = "" if m["fits"] is None else f"; {'fits' if m['fits'] else 'does NOT fit'} in {rec['gpu_name']}"
+    table.add_row("train_memory_per_gpu", format_bytes(m["total"]),
+                  f"{where}, micro-batch {m['micro_batch']} x {rec['seq_len']}"
+                  f"{', recomputed blocks' if m['activation_checkpointing'] else ''}{fits}")
+    table.add_row("  weights + master + grads", format_bytes(m["weights"] + m["master_weights"] + m["grads"]),
+                  "bf16 copies, fp32 master weights, fp32 gradients")
+    table.add_row("  adamw_moments", format_bytes(m["optimizer"]), f"2 x {m['adam_moments']} per parameter")
+    fp8_in = " (linear inputs in e4m3)" if m["fp8_saved_activations"] else ""
+    table.add_row("  activations", format_bytes(m["activations"]), f"bf16{fp8_in}")
+    table.add_row("  step_buffers", format_bytes(m["step_buffers"]),
+                  "fp32 head weight gradient"
+                  + (", e4m3 weight copies" if rec["precision"] == "fp8" and m["shards"] == 1 else ""))
+    sv = m["savings"]
+    table.add_row("memory_saving_bf16_moments", format_bytes(sv["bf16_moments"]),
+                  "saved by --adam-moments bf16" if m["adam_moments"] == "bf16"
+                  else "what --adam-moments bf16 would save")
+    if sv["fp8_saved_activations"] is not None:
+        table.add_row("memory_saving_fp8_activations", format_bytes(sv["fp8_saved_activations"]),
+                      "saved by --fp8-saved-activations" if m["fp8_saved_activations"]
+                      else "what --fp8-saved-activations would save")
+
+
 def run_cost_train(args: argparse.Namespace) -> int:
     if args.tokens is None:
         raise ConfigError("--tokens is required: the number of tokens to train (e.g. 14.8e12)")
@@ -276,7 +339,10 @@ def run_cost_train(args: argparse.Namespace) -> int:
     rec = training_estimate(cfg, model=label, tokens=args.tokens, seq_len=seq_len, gpu=args.gpu,
                             price=args.price, mfu=args.mfu, gpu_hours=args.gpu_hours, from_run=args.from_run,
                             precision=args.precision, gpus=args.gpus, vs_dense=args.vs_dense,
-                            hardware_file=args.hardware_file)
+                            hardware_file=args.hardware_file,
+                            memory={"micro_batch": args.micro_batch, "adam_moments": args.adam_moments,
+                                    "fp8_saved_activations": args.fp8_saved_activations,
+                                    "recompute": args.activation_checkpointing})
     if args.json:
         print(json.dumps(rec, indent=2))
     else:
@@ -489,7 +555,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="extrapolate from the measured rate in RUN_DIR/cost.json")
     p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
                    help="which dense peak TFLOP/s the MFU is measured against (default bf16)")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs in the cluster, for wall-clock days")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs in the cluster, for wall-clock days; the memory figure shards states over them")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-batch, for memory")
+    p.add_argument("--adam-moments", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of AdamW's two moments, for memory (default fp32, as frugallm train)")
+    p.add_argument("--fp8-saved-activations", action="store_true",
+                   help="with --precision fp8: linear inputs kept for the backward in e4m3, for memory")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward, for memory")
     p.add_argument("--vs-dense", action="store_true",
                    help="also cost dense twins with the same total and the same active parameters")
     p.set_defaults(func=run_cost_train)

@@ -322,7 +322,7 @@ def training_memory(cfg: ModelConfig, batch_tokens: int, *, precision: object = 
     ``shards`` divides weights, master copy, gradients and optimizer states (FSDP / ZeRO-3).
     ``fp8_gemms``: this package's FP8 training (``frugallm train --precision fp8``), the model's GEMMs
     converted to FP8 with ``precision`` (fp32 or bf16) its weights and activations: the e4m3 weight copies
-    come as step buffers; ``fp8_saved_activations`` keeps the linears' inputs in e4m3 (module docstring).
+    come as step buffers, unless ``shards`` > 1 (sharded runs quantize the weights again in the backward); ``fp8_saved_activations`` keeps the linears' inputs in e4m3 (module docstring).
     ``precision="fp8"`` (the published FP8 weight layout) implies FP8 GEMMs: activations as with
     ``fp8_gemms``, no concatenated gate/up weights, and no e4m3 copies, the weights being e4m3 already."""
     if not isinstance(batch_tokens, int) or batch_tokens < 1:
@@ -342,7 +342,9 @@ def training_memory(cfg: ModelConfig, batch_tokens: int, *, precision: object = 
                                                      pad_v=pad_v, fp8_gemms=gemms,
                                                      fp8_saved_activations=fp8_saved_activations)
     step = step_buffer_bytes(cfg, dtype=act_dtype, fp8_gemms=gemms)
-    if prec == "fp8":  # the weights are e4m3 already (``weights``): no per-step copy of them
+    if prec == "fp8" or (gemms and shards > 1):
+        # no e4m3 weight copies kept per step: the weights are e4m3 already, or a sharded run quantizes them
+        # again in the backward instead (``Fp8Recipe.cache_weights``, turned off by frugallm.train.distributed)
         step -= fp8_weight_copy_bytes(cfg)
     return TrainingMemory(
         weights=-(-weight_bytes(cfg, prec) // shards),

@@ -13,6 +13,7 @@ from frugallm.precision.fp8 import (
     convert_to_fp8,
     dequantize_weight_blocks,
     fp8_module_names,
+    update_recipes,
 )
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
 from frugallm.precision.quant import Fp8Tensor, dequantize, quantize, quantize_blocks, quantize_tiles
@@ -20,6 +21,6 @@ from frugallm.precision.quant import Fp8Tensor, dequantize, quantize, quantize_b
 __all__ = [
     "BACKENDS", "EmulatedBackend", "Fp8Backend", "HopperBackend", "hopper_unavailable_reason",
     "select_backend", "Fp8Recipe", "convert_to_fp8", "dequantize_weight_blocks", "fp8_module_names",
-    "Fp8GroupedExperts", "Fp8Linear", "Fp8Tensor", "dequantize", "quantize", "quantize_blocks",
+    "update_recipes", "Fp8GroupedExperts", "Fp8Linear", "Fp8Tensor", "dequantize", "quantize", "quantize_blocks",
     "quantize_tiles",
 ]

@@ -67,6 +67,10 @@ class Fp8Recipe:
     pow2_scales: bool = False  # round scales up to powers of two: scaling becomes exact in binary
     backend: str = "auto"  # 'auto' | 'emulated' | 'hopper'
     fp8_saved_activations: bool = False  # keep linear inputs for backward in e4m3 (1 + 4/tile bytes/element)
+    # keep each weight's e4m3 blocks from the forward for the input gradient (1 byte per weight, the whole
+    # model's until the backward) rather than quantizing the weight again there, which gives the same blocks;
+    # sharded runs turn it off (frugallm.train.distributed), where the copies would be whole, not sharded
+    cache_weights: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tile", "block"):
@@ -74,7 +78,7 @@ class Fp8Recipe:
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 16 == 0):
                 raise ConfigError(f"fp8 {name} must be a positive multiple of 16 (128 in the V3 recipe), "
                                   f"got {v!r}")
-        for name in ("pow2_scales", "fp8_saved_activations"):
+        for name in ("pow2_scales", "fp8_saved_activations", "cache_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"fp8 {name} must be true or false, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
@@ -97,7 +101,7 @@ class Fp8Recipe:
     def describe(self) -> str:
         saved = "e4m3" if self.fp8_saved_activations else "as-is"
         return (f"backend={self.backend} tiles=1x{self.tile} blocks={self.block}x{self.block} "
-                f"pow2={self.pow2_scales} saved-inputs={saved}")
+                f"pow2={self.pow2_scales} saved-inputs={saved} weight-copies={self.cache_weights}")
 
 
 def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe | None = None, *, backend: str | None = None,
@@ -134,6 +138,17 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe | None = None, *, backend
     log.info("fp8: converted %d modules (%s); kept in high precision: %s", converted, recipe.describe(),
              ", ".join(patterns) or "nothing by name")
     return model
+
+
+def update_recipes(model: nn.Module, **changes: Any) -> int:
+    """Change fields of the recipe of every converted module (e.g. ``cache_weights=False`` once the model
+    is sharded); returns how many modules changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (Fp8Linear, Fp8GroupedExperts)):
+            m.recipe = replace(m.recipe, **changes)
+            n += 1
+    return n
 
 
 def fp8_module_names(model: nn.Module) -> list[str]:

@@ -14,7 +14,8 @@ W is quantized once per forward from the master weight and its e4m3 blocks are k
 gradient (1 byte per weight element until the backward, as Transformer Engine keeps its FP8 weight copy);
 with few tokens per expert, quantizing the stacked expert weights costs more than the GEMMs themselves.
 
-Saved for backward: the weight (a reference), its e4m3 blocks, and x in the compute dtype (a bf16 copy
+Saved for backward: the weight (a reference), its e4m3 blocks (unless ``cache_weights`` is off: the backward
+then quantizes the weight again, to the same blocks), and x in the compute dtype (a bf16 copy
 under bf16 autocast, as an autocast ``nn.Linear`` keeps; a reference otherwise). With ``fp8_saved_activations``, x is instead
 kept as the e4m3 operand of the weight gradient, x^T in 1 x t tiles along M (1 + 4/t bytes per element),
 quantized once in the forward; the report caches Linear inputs in FP8 the same way. Quantizing along M
@@ -76,14 +77,16 @@ class _Fp8GemmFn(torch.autograd.Function):
         xq = quantize(x, (1, t), pow2)  # [M, K] tiles along K
         wq = quantize(weight, (b, b), pow2)  # [(E,) N, K] blocks
         ctx.recipe, ctx.backend, ctx.sizes, ctx.x_dtype = recipe, backend, sizes, x.dtype
+        ctx.cache_weights = recipe.cache_weights
+        w_saved = (wq.data, wq.scale) if recipe.cache_weights else ()
         if recipe.fp8_saved_activations:  # x^T for the weight gradient, tiled along each segment's tokens
             segments = _segments(x.shape[0], sizes)
             parts = [quantize(x[s:e].t(), (1, t), pow2) for _, s, e in segments]  # [K, m_e] each
             data = torch.cat([p.data.view(torch.uint8) for p in parts], dim=1).view(E4M3)  # [K, M]
             scale = torch.cat([p.scale for p in parts], dim=1)  # [K, sum of ceil(m_e / t)]
-            ctx.save_for_backward(weight, wq.data, wq.scale, data, scale)
+            ctx.save_for_backward(weight, *w_saved, data, scale)
         else:
-            ctx.save_for_backward(weight, wq.data, wq.scale, x.to(out_dtype))  # x: what autocast keeps
+            ctx.save_for_backward(weight, *w_saved, x.to(out_dtype))  # x: what autocast keeps
         if sizes is None:
             return backend.gemm_nt(xq, wq, out_dtype)
         return backend.grouped_gemm_nt(xq, wq, sizes, out_dtype)
@@ -92,11 +95,15 @@ class _Fp8GemmFn(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         recipe, backend, sizes = ctx.recipe, ctx.backend, ctx.sizes
         t, b, pow2 = recipe.tile, recipe.block, recipe.pow2_scales
-        weight, w_data, w_scale, *saved = ctx.saved_tensors
+        if ctx.cache_weights:
+            weight, w_data, w_scale, *saved = ctx.saved_tensors
+        else:
+            weight, *saved = ctx.saved_tensors
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dyq = quantize(dy, (1, t), pow2)  # [M, N] tiles along N
-            wtq = Fp8Tensor(w_data, w_scale, (b, b)).t()  # W^T [(E,) K, N]: the forward's blocks, transposed
+            wq = Fp8Tensor(w_data, w_scale, (b, b)) if ctx.cache_weights else quantize(weight, (b, b), pow2)
+            wtq = wq.t()  # W^T [(E,) K, N]: the forward's blocks, transposed
             if sizes is None:
                 dx = backend.gemm_nt(dyq, wtq, ctx.x_dtype)  # [M, K]
             else:

@@ -162,8 +162,11 @@ class Dist:
             return model
         from torch.distributed.fsdp import fully_shard
 
+        from frugallm.precision import update_recipes
         from frugallm.train.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 
+        # FP8 linears would keep whole e4m3 copies of weights that are sharded here: they quantize again instead
+        update_recipes(model, cache_weights=False)
         if self.ep > 1:
             check_expert_parallel(model.config, self.ep)  # type: ignore[attr-defined]
             apply_expert_parallel(model, self.mesh["ep"])

@@ -197,11 +197,12 @@ class Trainer:
         from frugallm.model.attention import CPU_FLASH_PAD_V
 
         micro = self.cfg.batch_size // self.cfg.grad_accum // self.dist.world_size
+        # under bf16 autocast the fp32 parameters are the master copy and the bf16 casts the working weights
         mem = training_memory(self.model_cfg, micro * self.cfg.seq_len, seq_len=self.cfg.seq_len,
                               precision=self.outer_precision, moments=self.cfg.adam_moments,
                               fp8_gemms=self.cfg.precision == "fp8",
                               fp8_saved_activations=self.cfg.fp8_saved_activations,
-                              master_weights=False, recompute=self.cfg.activation_checkpointing,
+                              recompute=self.cfg.activation_checkpointing,
                               pad_v=CPU_FLASH_PAD_V and self.device.type == "cpu", shards=self.dist.world_size)
         self.memory_available = available_memory(self.device)
         require_fits(mem, self.memory_available, where=f"this {self.device.type} device")

@@ -103,7 +103,8 @@ def write_plots(run_dir: Path) -> list[Path]:
         grid = torch.tensor([r["load_max_over_mean"] for r in with_load]).T  # [layers, records]
         fig, ax = plt.subplots(figsize=(7, 0.5 + 0.5 * grid.shape[0]))
         im = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", interpolation="nearest",
-                       extent=(with_load[0]["step"], with_load[-1]["step"], grid.shape[0] - 0.5, -0.5))
+                       # half a step either side: a run with one record still spans a width
+                       extent=(with_load[0]["step"] - 0.5, with_load[-1]["step"] + 0.5, grid.shape[0] - 0.5, -0.5))
         ax.set_xlabel("step")
         ax.set_ylabel("MoE layer")
         ax.set_title("expert load: max / mean (1 = balanced)")
