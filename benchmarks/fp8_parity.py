@@ -48,11 +48,12 @@ def read_losses(run_dir: Path) -> dict[int, float]:
 
 def reusable(precision: str, args: argparse.Namespace, out: Path) -> dict[int, float] | None:
     """With --reuse: the losses of a finished ``frugallm train`` run in ``out`` whose config.toml matches this
-    command (preset, precision, seed, steps, batch, sequence length, threads), else None (it trains)."""
+    command (preset, precision, seed, steps, batch, sequence length, threads, learning rate), else None."""
     if not (args.reuse and (out / "config.toml").is_file() and (out / "metrics.jsonl").is_file()):
         return None
     from frugallm.config import preset
     from frugallm.errors import ConfigError
+    from frugallm.train.config import TrainConfig
     from frugallm.train.runconfig import read_run_config
 
     try:
@@ -61,7 +62,8 @@ def reusable(precision: str, args: argparse.Namespace, out: Path) -> dict[int, f
         print(f"--reuse: {out}/config.toml is unreadable ({e}): training again", flush=True)
         return None
     want = {"precision": precision, "seed": args.seed, "max_steps": args.steps, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "threads": args.threads}
+            "seq_len": args.seq_len, "threads": args.threads,
+            "lr": TrainConfig().lr if args.lr is None else args.lr}
     differ = [f"{k}={getattr(train_cfg, k)!r} (want {v!r})" for k, v in want.items()
               if v is not None and getattr(train_cfg, k) != v]
     if model_cfg != preset(args.preset):
@@ -85,7 +87,8 @@ def run_cli(precision: str, args: argparse.Namespace, out: Path) -> dict[int, fl
            "--no-progress"]
     if precision == "fp8":
         cmd += ["--fp8-backend", args.backend]
-    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--threads", args.threads)):
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--threads", args.threads),
+                        ("--lr", args.lr)):
         if value is not None:
             cmd += [flag, str(value)]
     print("$ " + " ".join(cmd), flush=True)
@@ -130,8 +133,9 @@ def run_builtin(precision: str, args: argparse.Namespace, out: Path, perturb: fl
     autocast_dtype = torch.bfloat16 if args.peer == "bf16" else None
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    peak_lr = 3e-3 if args.lr is None else args.lr
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+                            lr=peak_lr, betas=(0.9, 0.95))
     text = torch.frombuffer(bytearray(stdlib_bytes()), dtype=torch.uint8)
     B, S = args.batch_size or 8, args.seq_len or 128
     window = S + 1 + cfg.num_nextn_predict_layers
@@ -143,7 +147,7 @@ def run_builtin(precision: str, args: argparse.Namespace, out: Path, perturb: fl
     with open(out / "metrics.jsonl", "w") as f:
         for step in range(1, args.steps + 1):
             frac = (step - warmup) / max(1, args.steps - warmup)
-            lr = args.lr * (step / warmup if step <= warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+            lr = peak_lr * (step / warmup if step <= warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
             for g in opt.param_groups:
                 g["lr"] = lr
             starts = torch.randint(0, len(text) - window, (B,), generator=gen)
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="fp8 backend: auto | emulated | hopper")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (builtin default 8)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (builtin default 128)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (builtin loop)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the training loop's, 3e-3; the builtin loop's is the same)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--control", action="store_true",
                    help="a third run, the peer with a rounding-sized change (builtin: initial weights perturbed "

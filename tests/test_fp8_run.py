@@ -46,13 +46,16 @@ def test_parity_benchmark_reuses_only_a_matching_finished_run(tmp_path, capsys) 
                      TrainConfig(precision="fp8", seed=0, max_steps=3, batch_size=8, seq_len=64))
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0 - s}) + "\n" for s in (1, 2, 3))
                                        + json.dumps({"step": 3, "val_loss": 7.0}) + "\n")
-    args = argparse.Namespace(reuse=True, preset="tiny", seed=0, steps=3, batch_size=8, seq_len=64, threads=None)
+    args = argparse.Namespace(reuse=True, preset="tiny", seed=0, steps=3, batch_size=8, seq_len=64, threads=None,
+                              lr=None)
     assert bench.reusable("fp8", args, run) == {1: 8.0, 2: 7.0, 3: 6.0}
     assert bench.reusable("fp32", args, run) is None  # another precision
     assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "batch_size": 16}), run) is None
     assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "steps": 4}), run) is None
     assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "preset": "tiny-dense"}), run) is None
     assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "reuse": False}), run) is None
+    assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "lr": 1e-3}), run) is None  # default 3e-3
+    assert bench.reusable("fp8", argparse.Namespace(**{**vars(args), "lr": 3e-3}), run) is not None
     out = capsys.readouterr().out
     assert "batch_size=8 (want 16)" in out and "3 of 4 steps logged" in out
     (run / "config.toml").write_text("[train\n")  # a damaged config: named, then it trains again
