@@ -554,7 +554,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--from-run", default=None, metavar="RUN_DIR",
                      help="extrapolate from the measured rate in RUN_DIR/cost.json")
     p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
-                   help="which dense peak TFLOP/s the MFU is measured against (default bf16)")
+                   help="which dense peak TFLOP/s the MFU is measured against (default bf16); fp8 also "
+                        "counts the FP8 linears' memory")
     p.add_argument("--gpus", type=int, default=None,
                    help="GPUs in the cluster, for wall-clock days; the memory figure shards states over them")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-batch, for memory")
