@@ -97,6 +97,28 @@ def test_resume_with_another_model_config_is_refused(corpus_dir, tmp_path) -> No
         Trainer(MICRO, _cfg(corpus_dir, max_steps=4), tmp_path / "r", progress=False).run()
 
 
+def test_activation_checkpointing_recomputes_every_block_with_the_same_gradients() -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from frugallm.model import build_model
+    from frugallm.train.distributed import apply_activation_checkpointing
+
+    tokens = torch.randint(0, MICRO.vocab_size, (2, 34), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for recompute in (False, True):
+        model = build_model(MICRO, seed=0)
+        if recompute:
+            apply_activation_checkpointing(model)
+            blocks = list(model.model.layers) + list(model.model.mtp)
+            assert len(blocks) == 3 and all(isinstance(b, CheckpointWrapper) for b in blocks)
+        out = model(tokens, train=True)
+        (out.loss + torch.stack(out.mtp_losses).sum() + out.balance_loss).backward()
+        grads.append({k.replace("_checkpoint_wrapped_module.", ""): p.grad for k, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_train_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="grad_accum"):
         TrainConfig(batch_size=6, grad_accum=4)

@@ -59,12 +59,13 @@ DEFAULT_TIMEOUT_S = 1800.0
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder block's activations in the backward pass instead of keeping them."""
+    """Recompute each decoder block's and MTP module's activations in the backward pass instead of keeping
+    them (the memory model, ``frugallm.cost.memory``, counts both as recomputed)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    layers = model.model.layers  # type: ignore[attr-defined]
-    for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer)
+    for blocks in (model.model.layers, model.model.mtp):  # type: ignore[attr-defined]
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block)
 
 
 def mesh_shape(world_size: int, *, dp: int | None = None, ep: int = 1) -> tuple[int, int]:
