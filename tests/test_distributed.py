@@ -250,6 +250,15 @@ def _gradients_on_a_2x2_mesh(model_cfg: ModelConfig) -> None:
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad.full_tensor(), ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    # AdamW with bf16 moments on the sharded parameters (DTensors) takes the one-process step. A first Adam
+    # step is about lr * sign(g): eps = 1e-3 keeps gradients that agree to 1e-7 from flipping it
+    from frugallm.train.optim import AdamWLowPrecisionMoments
+
+    for m in (ref, model):
+        AdamWLowPrecisionMoments(m.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1).step()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.full_tensor(), ref_params[name], rtol=1e-5, atol=1e-5, msg=name)
     # FP8 GEMMs on the same mesh (expert-parallel FP8 experts, FSDP2): the sharded model quantizes its weights
     # again in the backward instead of keeping whole e4m3 copies, and its gradients are the one-process FP8
     # gradients up to FP8 rounding (the ranks' token tiles for the weight gradients start elsewhere)
