@@ -15,6 +15,7 @@ from frugallm.cost.hardware import cpu_peak_flops, get_device, load_catalog
 from frugallm.cost.prices import load_prices
 from frugallm.cost.report import read_cost_json, run_cost, write_cost_json
 from frugallm.errors import ConfigError
+from frugallm.model import gemm
 
 REQUIRED = {"h800", "h100-sxm", "h200", "b200", "a100-80gb", "mi300x", "gaudi3"}
 
@@ -61,7 +62,7 @@ def test_cpu_peak_is_probed_once_and_cached(tmp_path: Path, monkeypatch) -> None
     assert flops > 1e8  # any CPU that runs the tests does more than 0.1 GFLOP/s
     cache = json.loads((tmp_path / "cpu_peak.json").read_text())
     (key,) = cache
-    assert key.endswith("| fp32") and "threads=" in key and "torch=" in key
+    assert key.endswith("| fp32") and "threads=" in key and "torch=" in key and "gemm=" in key
 
     def no_probe(*args, **kwargs):
         raise AssertionError("probed again")
@@ -70,6 +71,9 @@ def test_cpu_peak_is_probed_once_and_cached(tmp_path: Path, monkeypatch) -> None
     assert cpu_peak_flops("float32") == flops  # the cached figure, same key
     with pytest.raises(AssertionError, match="probed again"):
         cpu_peak_flops("bf16")  # another dtype is another measurement
+    monkeypatch.setattr(gemm, "_chosen", "mkl" if gemm.cpu_gemm() == "onednn" else "onednn")
+    with pytest.raises(AssertionError, match="probed again"):
+        cpu_peak_flops("fp32")  # so is another float32 GEMM library
     with pytest.raises(ConfigError, match="CPU probe"):
         cpu_peak_flops("fp8")
 

@@ -46,12 +46,18 @@ def _addmm_inplace(self, mat1, mat2, *args, out_shape=None, **kwargs) -> int:
     return 2 * mat1[0] * mat1[1] * mat2[1]  # the counter hands over shapes
 
 
+def _onednn_linear(x, w, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x[0] * x[1] * w[0]  # x [M, K], w [N, K]
+
+
 # The CPU flash kernel computes the full S x S (masked blocks included), like the math kernel. The fused
-# output head accumulates its weight gradient with the in-place addmm_, which the counter does not know.
+# output head accumulates its weight gradient with the in-place addmm_, and on AVX-512 CPUs the training
+# GEMMs run on oneDNN's inner product (frugallm.model.gemm): the counter knows neither.
 COUNT_CPU_FLASH = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
     torch.ops.aten.addmm_: _addmm_inplace,
+    torch.ops.mkldnn._linear_pointwise: _onednn_linear,
 }
 B, S = 2, 12
 

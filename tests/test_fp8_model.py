@@ -11,6 +11,7 @@ from torch import nn
 
 from frugallm.config import preset
 from frugallm.model import build_model
+from frugallm.model.gemm import Linear
 from frugallm.model.layers import RMSNorm
 from frugallm.model.moe import GroupedExperts, Router
 from frugallm.precision import Fp8GroupedExperts, Fp8Linear, Fp8Recipe, convert_to_fp8, fp8_module_names
@@ -49,11 +50,11 @@ def test_convert_tiny_converts_exactly_the_intended_modules(tiny):
     converted = fp8_module_names(model)
     print(f"\nconverted {len(converted)} modules: {converted}")
     assert sorted(converted) == sorted(_intended(cfg))
-    assert type(model.lm_head) is nn.Linear, "the output head stays high precision"
+    assert type(model.lm_head) is Linear, "the output head stays high precision"
     assert type(model.model.embed_tokens) is nn.Embedding
     kept = {type(m) for n, m in model.named_modules() if n not in converted}
     assert Fp8Linear not in kept and Fp8GroupedExperts not in kept
-    leftover_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    leftover_linears = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear)]
     assert leftover_linears == ["lm_head"]
     assert not any(type(m) is GroupedExperts for m in model.modules())
     assert sum(isinstance(m, Router) for m in model.modules()) == cfg.n_moe_layers + cfg.num_nextn_predict_layers

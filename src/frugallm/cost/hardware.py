@@ -8,7 +8,8 @@ as ``hardware_file`` (the CLI's ``--hardware-file``) or the environment variable
 The CPU has no datasheet figure worth using, and its peak depends on the dtype (AVX512-BF16 runs bf16
 matmuls several times faster than fp32), so ``cpu_peak_flops(dtype)`` times square matmuls for well under
 3 s and caches the best rate in ``$FRUGALLM_CACHE_DIR/cpu_peak.json`` (default ``~/.cache/frugallm``),
-keyed by CPU model, thread count, torch version and dtype: change any of them and it measures again.
+keyed by CPU model, thread count, torch version, dtype and (fp32) the GEMM backend: change any of them
+and it measures again.
 """
 
 from __future__ import annotations
@@ -102,27 +103,28 @@ def cpu_model() -> str:
 
 
 def _probe(dtype: Any, budget_s: float) -> float:
-    """Best FLOP/s of square ``F.linear`` matmuls (the kernel the model's layers call) within about
-    ``budget_s`` seconds. Sizes grow from 256 while the next one is predicted to fit the budget, so a slow
+    """Best FLOP/s of square matmuls on the GEMM the model's training layers call (``frugallm.model.gemm``:
+    oneDNN or MKL for float32 on the CPU) within about ``budget_s`` seconds. Sizes grow from 256 while the next one is predicted to fit the budget, so a slow
     dtype (bf16 without AVX512-BF16 runs at a few GFLOP/s) cannot overrun it. The best, not the mean: a
     peak is what the hardware does when nothing else interferes."""
     import torch
-    import torch.nn.functional as F
+
+    from frugallm.model.gemm import nt
 
     best, n = 0.0, 256
     deadline = time.perf_counter() + budget_s
     x = torch.randn(n, n).to(dtype)
     spin = time.perf_counter() + budget_s / 10
     while time.perf_counter() < spin:  # wake the thread pool and the BLAS up before timing anything
-        F.linear(x, x)
+        nt(x, x, training=True)
     while n <= 4096:
         x, w = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        F.linear(x, w)  # warm-up: the first call pays for packing and thread start-up
+        nt(x, w, training=True)  # warm-up: the first call pays for packing and thread start-up
         size_deadline = min(deadline, time.perf_counter() + budget_s / 3)
         dt = float("inf")
         for _ in range(50):
             t0 = time.perf_counter()
-            F.linear(x, w)
+            nt(x, w, training=True)
             dt = time.perf_counter() - t0
             best = max(best, 2 * n**3 / dt)
             if time.perf_counter() + dt > size_deadline:
@@ -156,7 +158,10 @@ def cpu_peak_flops(dtype: Any = "fp32", *, refresh: bool = False, budget_s: floa
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
     if torch_dtype is None:
         raise ConfigError(f"the CPU probe supports fp32, bf16 and fp16, got {dtype!r}")
-    key = f"{cpu_model()} | threads={torch.get_num_threads()} | torch={torch.__version__} | {name}"
+    from frugallm.model.gemm import cpu_gemm
+
+    gemm = f"gemm={cpu_gemm()} | " if name == "fp32" else ""  # bf16 runs on oneDNN whatever the choice
+    key = f"{cpu_model()} | threads={torch.get_num_threads()} | torch={torch.__version__} | {gemm}{name}"
     path = cache_dir() / "cpu_peak.json"
     try:
         cache = json.loads(path.read_text()) if path.is_file() else {}

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugallm.config import ModelConfig
+from frugallm.model.gemm import Linear
 from frugallm.model.layers import RMSNorm
 
 
@@ -153,15 +154,15 @@ class MLA(nn.Module):
         self.scale = softmax_scale(cfg)
         H, nh, dqk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(H, nh * dqk, bias=False)
+            self.q_proj = Linear(H, nh * dqk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(H, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * dqk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, nh * dqk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(nh * cfg.v_head_dim, H, bias=False)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = Linear(nh * cfg.v_head_dim, H, bias=False)
 
     def project_q(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,10 +220,10 @@ class GQA(nn.Module):
         self.d_nope, self.d_rope, self.d_qk, self.d_v = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                                           cfg.qk_head_dim, cfg.v_head_dim)
         self.scale = softmax_scale(cfg)
-        self.q_proj = nn.Linear(H, nh * self.d_qk, bias=False)
-        self.k_proj = nn.Linear(H, nkv * self.d_qk, bias=False)
-        self.v_proj = nn.Linear(H, nkv * self.d_v, bias=False)
-        self.o_proj = nn.Linear(nh * self.d_v, H, bias=False)
+        self.q_proj = Linear(H, nh * self.d_qk, bias=False)
+        self.k_proj = Linear(H, nkv * self.d_qk, bias=False)
+        self.v_proj = Linear(H, nkv * self.d_v, bias=False)
+        self.o_proj = Linear(nh * self.d_v, H, bias=False)
 
     def _rope_last(self, t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         nope, r = t.split([self.d_nope, self.d_rope], dim=-1)

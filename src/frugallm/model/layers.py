@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frugallm.model.gemm import Linear, linear
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 whatever the input dtype, as DeepSeek keeps normalisation in high
@@ -76,9 +78,9 @@ class _SwiGLU(torch.autograd.Function):
 def fuse_linears(*linears: nn.Module) -> bool:
     """Whether linears that read the same input should run as one GEMM over their concatenated weights: when
     training (the fused backward is one input-gradient GEMM instead of one per linear and their sum) and all
-    are plain ``nn.Linear`` (not converted to FP8, not sharded). Not under no_grad: serving would copy the
+    are plain linears (not converted to FP8, not sharded). Not under no_grad: serving would copy the
     weights on every decode step (at DeepSeek-V3 size 0.5 GB per dense layer) to save nothing."""
-    return torch.is_grad_enabled() and all(type(m) is nn.Linear and m.weight.requires_grad for m in linears)
+    return torch.is_grad_enabled() and all(type(m) in (nn.Linear, Linear) and m.weight.requires_grad for m in linears)
 
 
 class MLP(nn.Module):
@@ -86,14 +88,14 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj, self.up_proj
         if fuse_linears(gate, up):
             # one GEMM over the concatenated weights: its backward is one input-gradient GEMM, not two
             # GEMMs and an add
-            return self.down_proj(swiglu(F.linear(x, torch.cat([gate.weight, up.weight]))))
+            return self.down_proj(swiglu(linear(x, torch.cat([gate.weight, up.weight]))))
         return self.down_proj(F.silu(gate(x)) * up(x))

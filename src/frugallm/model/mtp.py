@@ -17,6 +17,7 @@ from torch import nn
 
 from frugallm.config import ModelConfig
 from frugallm.model.block import DecoderLayer
+from frugallm.model.gemm import Linear
 from frugallm.model.layers import RMSNorm
 from frugallm.model.moe import MoEStats
 
@@ -35,7 +36,7 @@ class MTPModule(DecoderLayer):
         H = cfg.hidden_size
         self.enorm = RMSNorm(H, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(H, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.eh_proj = Linear(2 * H, H, bias=False)
         self.shared_head = SharedHead(cfg)
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor,  # type: ignore[override]

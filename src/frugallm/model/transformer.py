@@ -22,6 +22,7 @@ from torch import nn
 from frugallm.config import ModelConfig
 from frugallm.model.attention import Rotary
 from frugallm.model.block import DecoderLayer
+from frugallm.model.gemm import Linear
 from frugallm.model.layers import RMSNorm
 from frugallm.model.loss import linear_cross_entropy
 from frugallm.model.moe import MoE, MoEStats
@@ -49,7 +50,7 @@ class DeepseekV3LM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Trunk(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = Rotary(cfg)
 

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from frugallm.errors import ConfigError, DeviceError
+from frugallm.model.gemm import Linear
 from frugallm.model.moe import GroupedExperts
 from frugallm.precision.backends import BACKENDS, hopper_unavailable_reason
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
@@ -129,7 +130,7 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe | None = None, *, backend
                 continue
             if isinstance(child, (Fp8Linear, Fp8GroupedExperts)):
                 child.recipe = recipe
-            elif type(child) is nn.Linear:  # exact type: subclasses may change semantics we do not know
+            elif type(child) in (nn.Linear, Linear):  # exact types: subclasses may change semantics we do not know
                 setattr(parent, child_name, Fp8Linear.from_linear(child, recipe))
                 converted += 1
             elif type(child) is GroupedExperts:

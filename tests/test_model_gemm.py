@@ -1,0 +1,118 @@
+"""The CPU GEMM backend: oneDNN's forward and input-gradient GEMMs against torch's (MKL) linear, and the cases
+that must stay on torch's. oneDNN runs on any x86 CPU, so these run everywhere; only ``auto`` depends on
+AVX-512."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frugallm.errors import DeviceError
+from frugallm.model import gemm
+from frugallm.model.loss import linear_cross_entropy
+
+pytestmark = pytest.mark.skipif(not gemm.onednn_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def backend():
+    before = gemm.cpu_gemm()
+    yield gemm.set_cpu_gemm
+    gemm.set_cpu_gemm(before)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("shape", [(37, 96), (3, 11, 96)])
+def test_onednn_linear_matches_torch(backend, shape) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    w = torch.randn(70, 96, generator=gen, requires_grad=True)
+    g = torch.randn(*shape[:-1], 70, generator=gen)
+    ref = F.linear(x.double(), w.double())
+    ref.backward(g.double())
+    want = (ref.detach(), x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    backend("onednn")
+    assert gemm.onednn_applies(x, w)
+    y = gemm.linear(x, w)
+    assert y.grad_fn is not None and "OneDnn" in type(y.grad_fn).__name__  # the path under test ran
+    y.backward(g)
+    for got, ref_t, name in zip((y.detach(), x.grad, w.grad), want, ("y", "dx", "dW"), strict=True):
+        assert got.dtype == torch.float32 and got.shape == ref_t.shape, name
+        err = _rel(got.double(), ref_t)
+        assert err < 1e-6, (name, err)  # float32 accumulation: same order of error as torch's own
+
+
+def test_onednn_linear_takes_a_transposed_input(backend) -> None:
+    backend("onednn")
+    x = torch.randn(64, 40).t().requires_grad_()  # [40, 64], not contiguous
+    w = torch.randn(24, 64, requires_grad=True)
+    y = gemm.linear(x, w)
+    assert _rel(y.detach(), F.linear(x.detach(), w.detach())) < 1e-6
+    y.sum().backward()
+    assert _rel(x.grad, torch.ones(40, 24) @ w.detach()) < 1e-6
+
+
+def test_torch_path_where_onednn_does_not_apply(backend) -> None:
+    backend("onednn")
+    x, w = torch.randn(8, 16), torch.randn(4, 16)
+    with torch.no_grad():  # serving: shapes change with every batch
+        assert not gemm.onednn_applies(x, w)
+        assert torch.equal(gemm.linear(x, w), F.linear(x, w))
+    assert not gemm.onednn_applies(x.double(), w.double())
+    assert not gemm.onednn_applies(x.bfloat16(), w.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not gemm.onednn_applies(x, w)
+        assert gemm.linear(x, w).dtype == torch.bfloat16
+    assert not gemm.onednn_applies(x[:0], w)
+    assert gemm.onednn_applies(x, w, training=True)
+    backend("mkl")
+    assert not gemm.onednn_applies(x, w)
+    assert torch.equal(gemm.linear(x, w), F.linear(x, w))
+
+
+def test_backend_choice(backend, monkeypatch) -> None:
+    with pytest.raises(DeviceError, match="allowed: auto, mkl, onednn"):
+        backend("blas")
+    assert backend("mkl") == "mkl"
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert backend("auto") == ("onednn" if avx512 else "mkl")
+    monkeypatch.setattr(gemm, "_chosen", None)
+    monkeypatch.setenv(gemm.CPU_GEMM_ENV, "mkl")
+    assert gemm.cpu_gemm() == "mkl"
+
+
+def test_linear_module_is_an_nn_linear() -> None:
+    a = gemm.Linear(8, 4, bias=False)
+    b = nn.Linear(8, 4, bias=False)
+    assert isinstance(a, nn.Linear) and list(a.state_dict()) == list(b.state_dict())
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_output_head_on_onednn_matches_mkl(backend, monkeypatch) -> None:
+    calls = []
+    onednn_nt = gemm._onednn_nt
+    monkeypatch.setattr(gemm, "_onednn_nt", lambda a, b: calls.append(a.shape) or onednn_nt(a, b))
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(300, 32, generator=gen)
+    w = torch.randn(1000, 32, generator=gen) * 0.3
+    labels = torch.randint(0, 1000, (300,), generator=gen)
+    labels[::7] = -100
+    results = {}
+    for name in ("mkl", "onednn"):
+        backend(name)
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = linear_cross_entropy(hh, ww, labels)
+        loss.backward()
+        results[name] = (loss.detach(), hh.grad, ww.grad)
+    assert len(calls) == 2  # one chunk: its logits and its dh on oneDNN
+    for got, want in zip(results["onednn"], results["mkl"], strict=True):
+        assert _rel(got, want) < 1e-5
