@@ -41,6 +41,27 @@ def layer_shapes(cfg) -> list[tuple[str, int, int]]:  # type: ignore[no-untyped-
     return shapes
 
 
+def compare(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, rounds: int
+            ) -> dict[str, tuple[dict[str, float], float]]:
+    """role -> ({library: median seconds}, relative difference of the two results), interleaved rounds."""
+    from frugallm.model.gemm import _onednn_nt as lp
+
+    pairs = {"fwd": (lambda: x @ w.t(), lambda: lp(x, w)),
+             "dgrad": (lambda: g @ w, lambda: lp(g, w.t())),
+             "wgrad": (lambda: g.t() @ x, lambda: lp(g.t(), x.t()))}
+    out = {}
+    for role, (mkl, dnn) in pairs.items():
+        a, b = mkl(), dnn()
+        times: dict[str, list[float]] = {"mkl": [], "onednn": []}
+        for _ in range(rounds):
+            for lib, fn in (("mkl", mkl), ("onednn", dnn)):
+                t0 = time.perf_counter()
+                fn()
+                times[lib].append(time.perf_counter() - t0)
+        out[role] = ({lib: statistics.median(ts) for lib, ts in times.items()}, float((a - b).norm() / a.norm()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -63,27 +84,15 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}, auto picks {gemm._resolve('auto')}")
     print(f"{'layer':<16}{'K':>6}{'N':>7}  " + "".join(f"{role + ' MKL/oneDNN GF/s':>26}" for role in totals)
           + f"{'max rel diff':>14}")
-    lp = gemm._onednn_nt
     for name, K, N in layer_shapes(preset(args.preset)):
         x, w, g = (torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen),
                    torch.randn(M, N, generator=gen))
-        pairs = {"fwd": (lambda: x @ w.t(), lambda: lp(x, w)),
-                 "dgrad": (lambda: g @ w, lambda: lp(g, w.t())),
-                 "wgrad": (lambda: g.t() @ x, lambda: lp(g.t(), x.t()))}
         cells, worst = [], 0.0
-        flops = 2 * M * K * N
-        for role, (mkl, dnn) in pairs.items():
-            a, b = mkl(), dnn()
-            worst = max(worst, float((a - b).norm() / a.norm()))
-            times: dict[str, list[float]] = {"mkl": [], "onednn": []}
-            for _ in range(args.rounds):
-                for lib, fn in (("mkl", mkl), ("onednn", dnn)):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[lib].append(time.perf_counter() - t0)
-            med = {lib: statistics.median(ts) for lib, ts in times.items()}
+        for role, (med, diff) in compare(x, w, g, args.rounds).items():
+            worst = max(worst, diff)
             for lib in med:
                 totals[role][lib] += med[lib]
+            flops = 2 * M * K * N
             cells.append(f"{flops / med['mkl'] / 1e9:>16.0f} / {flops / med['onednn'] / 1e9:<7.0f}")
         print(f"{name:<16}{K:>6}{N:>7}  " + "".join(f"{c:>26}" for c in cells) + f"{worst:>14.1e}")
     speedups = {role: t["mkl"] / t["onednn"] for role, t in totals.items()}

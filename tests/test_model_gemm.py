@@ -116,3 +116,25 @@ def test_output_head_on_onednn_matches_mkl(backend, monkeypatch) -> None:
     assert len(calls) == 2  # one chunk: its logits and its dh on oneDNN
     for got, want in zip(results["onednn"], results["mkl"], strict=True):
         assert _rel(got, want) < 1e-5
+
+
+def test_onednn_gets_dense_operands(backend, monkeypatch) -> None:
+    """A view cropped from a wider tensor (row stride > width) is copied row-major before oneDNN sees it
+    (oneDNN's kernel for other strides is a reference loop, ~1000x slower); transposed views pass as they are."""
+    backend("onednn")
+    seen = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        @staticmethod
+        def _linear_pointwise(a, b, *rest):
+            seen.append((a.stride(), b.stride()))
+            return real(a, b, *rest)
+
+    monkeypatch.setattr(gemm.torch.ops, "mkldnn", Spy)
+    wide = torch.randn(50, 48)
+    a = wide[:, :40]  # [50, 40], row stride 48
+    b = torch.randn(40, 30).t()  # [30, 40], a transposed view
+    got = gemm.nt(a, b, training=True)
+    assert _rel(got, a @ b.t()) < 1e-6
+    assert seen == [((40, 1), (1, 30))]

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from frugallm.errors import DeviceError
+from frugallm.model import gemm
 from frugallm.precision.quant import E4M3, Fp8Tensor, dequantize, quantize
 
 log = logging.getLogger("frugallm.precision")
@@ -48,8 +49,10 @@ class Fp8Backend:
 
     name = "base"
 
-    def gemm_nt(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """a.data [M, K], b.data [N, K] -> a @ b^T  [M, N] in out_dtype."""
+    def gemm_nt(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
+                fixed_shape: bool = False) -> torch.Tensor:
+        """a.data [M, K], b.data [N, K] -> a @ b^T  [M, N] in out_dtype. ``fixed_shape``: the shapes recur
+        every step (a plain linear, not one expert's slice), so a kernel built per shape pays off."""
         raise NotImplementedError
 
     def grouped_gemm_nt(self, a: Fp8Tensor, b: Fp8Tensor, sizes: list[int],
@@ -69,10 +72,12 @@ class Fp8Backend:
 class EmulatedBackend(Fp8Backend):
     name = "emulated"
 
-    def gemm_nt(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def gemm_nt(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
+                fixed_shape: bool = False) -> torch.Tensor:
         _check_k(a, b)
         with torch.autocast(a.data.device.type, enabled=False):  # the product must stay FP32
-            out = dequantize(a) @ dequantize(b).transpose(-2, -1)  # [M, N]
+            # FP32 GEMM on the CPU's faster library where shapes recur (frugallm.model.gemm)
+            out = gemm.nt(dequantize(a), dequantize(b), training=fixed_shape)  # [M, N]
         return out.to(out_dtype)
 
     def grouped_gemm_nt(self, a: Fp8Tensor, b: Fp8Tensor, sizes: list[int],
@@ -158,7 +163,8 @@ class HopperBackend(Fp8Backend):
             recipe_b = "128x128"
         return ScaledMMArgs(mat_a, mat_b, scale_a, "1x128", scale_b, recipe_b, (M, N))
 
-    def gemm_nt(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def gemm_nt(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
+                fixed_shape: bool = False) -> torch.Tensor:
         args = self.scaled_mm_args(a, b)
         M, N = args.out_shape
         kind = {"1x128": F.ScalingType.BlockWise1x128, "128x128": F.ScalingType.BlockWise128x128}

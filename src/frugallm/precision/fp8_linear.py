@@ -88,7 +88,7 @@ class _Fp8GemmFn(torch.autograd.Function):
         else:
             ctx.save_for_backward(weight, *w_saved, x.to(out_dtype))  # x: what autocast keeps
         if sizes is None:
-            return backend.gemm_nt(xq, wq, out_dtype)
+            return backend.gemm_nt(xq, wq, out_dtype, fixed_shape=True)
         return backend.grouped_gemm_nt(xq, wq, sizes, out_dtype)
 
     @staticmethod
@@ -105,7 +105,7 @@ class _Fp8GemmFn(torch.autograd.Function):
             wq = Fp8Tensor(w_data, w_scale, (b, b)) if ctx.cache_weights else quantize(weight, (b, b), pow2)
             wtq = wq.t()  # W^T [(E,) K, N]: the forward's blocks, transposed
             if sizes is None:
-                dx = backend.gemm_nt(dyq, wtq, ctx.x_dtype)  # [M, K]
+                dx = backend.gemm_nt(dyq, wtq, ctx.x_dtype, fixed_shape=True)  # [M, K]
             else:
                 dx = backend.grouped_gemm_nt(dyq, wtq, sizes, ctx.x_dtype)
         if ctx.needs_input_grad[1]:
@@ -120,7 +120,7 @@ class _Fp8GemmFn(torch.autograd.Function):
                     tile0 += n_tiles
                 else:
                     xt = quantize(saved[0][s:e].t(), (1, t), pow2)  # [K, m_e]
-                grad = backend.gemm_nt(dyt, xt, weight.dtype)  # [N, K]
+                grad = backend.gemm_nt(dyt, xt, weight.dtype, fixed_shape=sizes is None)  # [N, K]
                 if dw is None:
                     dw = grad
                 else:
