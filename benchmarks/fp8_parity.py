@@ -12,13 +12,21 @@ Loops:
   builtin  a minimal loop kept here (AdamW, warmup + cosine, MTP and balance losses, bias updates) on bytes of
            the running Python's standard library, with the preset's vocabulary cut to 256 byte tokens; it
            takes any ``--peer``.
-``--control`` adds a third run, the peer again with a rounding-sized change (builtin: initial weights
-perturbed by 2^-9; cli: another CPU thread count, so only the summation order differs): its drift from the
-peer is the metric's noise floor at that scale.
+``--control`` adds a third run, the peer with a rounding-sized change, whose drift from the peer is the
+metric's noise floor at that scale: builtin, initial weights perturbed by 2^-9; cli with an fp32 peer, another
+CPU thread count (only the summation order differs); cli with a bf16 peer, the same run in fp32 (bf16 matmuls
+sum alike on any thread count here, so that control would be the peer itself; fp32 against bf16 tells how far
+the accepted bf16 baseline is from fp32, the yardstick for what FP8 adds on top of it).
+
+``--seeds 0 1 2`` repeats all of it per seed (OUT_DIR/seedN) and also computes the figure on the loss curves
+averaged over the seeds: from one seed, two runs that part at the learning-rate ramp end up as two samples of
+the training outcome, and their difference is mostly that sampling; the average over seeds shrinks it by
+about sqrt(seeds) and leaves what the precision changes.
 
     python benchmarks/fp8_parity.py --steps 300                      # cli loop, tiny preset
     python benchmarks/fp8_parity.py --steps 300 --batch-size 8 --seq-len 128   # a smaller batch, faster on a CPU
     python benchmarks/fp8_parity.py --steps 300 --control                 # with the noise floor
+    python benchmarks/fp8_parity.py --steps 300 --control --seeds 0 1 2   # three seeds and their average
     python benchmarks/fp8_parity.py --steps 300 --reuse                   # re-read finished runs, no training
 """
 
@@ -34,6 +42,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
@@ -169,26 +178,66 @@ def run_builtin(precision: str, args: argparse.Namespace, out: Path, perturb: fl
     return losses
 
 
-def plot(steps: list[int], peer: list[float], fp8: list[float], rel: list[float], args: argparse.Namespace,
-         path: Path, control_rel: list[float] | None = None) -> None:
+class Comparison(NamedTuple):
+    """Two loss curves over their common steps and the figures of the last ``window`` of them."""
+
+    steps: list[int]
+    peer: list[float]
+    other: list[float]
+    rel: list[float]  # |other - peer| / peer per step
+    mean_rel: float  # mean of rel over the window: the figure DeepSeek-V3 reports below 0.25%
+    peer_mean: float
+    other_mean: float
+
+    @property
+    def diff_of_means(self) -> float:
+        return abs(self.other_mean - self.peer_mean) / self.peer_mean
+
+    def blocks(self, size: int = 25) -> str:
+        signed = [(b - a) / a for a, b in zip(self.peer, self.other, strict=True)]
+        return "  ".join(f"{self.steps[i]}-{self.steps[min(i + size, len(signed)) - 1]}: "
+                         f"{100 * sum(signed[i : i + size]) / len(signed[i : i + size]):+.2f}"
+                         for i in range(0, len(signed), size))
+
+
+def compare(peer_losses: dict[int, float], other_losses: dict[int, float], window: int) -> Comparison:
+    steps = sorted(set(peer_losses) & set(other_losses))
+    if len(steps) < window:
+        raise SystemExit(f"only {len(steps)} common steps; need at least --window {window}")
+    peer = [peer_losses[s] for s in steps]
+    other = [other_losses[s] for s in steps]
+    rel = [abs(b - a) / a for a, b in zip(peer, other, strict=True)]
+    return Comparison(steps, peer, other, rel, sum(rel[-window:]) / window, sum(peer[-window:]) / window,
+                      sum(other[-window:]) / window)
+
+
+def mean_curve(runs: list[dict[int, float]]) -> dict[int, float]:
+    """step -> the loss averaged over runs (seeds), on the steps all of them logged."""
+    common = set.intersection(*(set(r) for r in runs))
+    return {s: sum(r[s] for r in runs) / len(runs) for s in sorted(common)}
+
+
+def plot(fp8: Comparison, args: argparse.Namespace, path: Path, title: str,
+         control: Comparison | None = None, control_label: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
-    top.plot(steps, peer, label=args.peer, lw=1)
-    top.plot(steps, fp8, label=f"fp8 ({args.backend})", lw=1)
+    top.plot(fp8.steps, fp8.peer, label=args.peer, lw=1)
+    top.plot(fp8.steps, fp8.other, label=f"fp8 ({args.backend})", lw=1)
     top.set_ylabel("training loss")
-    top.set_title(f"FP8 vs {args.peer}: {args.preset}, seed {args.seed}, {args.loop} loop")
+    top.set_title(title)
     top.legend()
-    bottom.plot(steps, [100 * r for r in rel], lw=0.8, color="gray", label="fp8")
-    if control_rel:
-        bottom.plot(steps, [100 * r for r in control_rel], lw=0.8, color="tab:green", alpha=0.7,
-                    label=f"control ({args.peer} again, rounding-sized change)")
+    bottom.plot(fp8.steps, [100 * r for r in fp8.rel], lw=0.8, color="gray", label="fp8")
+    if control is not None:
+        bottom.plot(control.steps, [100 * r for r in control.rel], lw=0.8, color="tab:green", alpha=0.7,
+                    label=f"control ({control_label})")
     bottom.axhline(0.25, color="red", lw=0.8, ls="--", label="0.25% (DeepSeek-V3)")
+    steps = fp8.steps
     bottom.axvspan(steps[-min(args.window, len(steps))], steps[-1], alpha=0.15, label=f"last {args.window} steps")
-    bottom.set_ylabel("|fp8 - peer| / peer (%)")
+    bottom.set_ylabel(f"|run - {args.peer}| / {args.peer} (%)")
     bottom.set_xlabel("step")
     bottom.legend()
     fig.tight_layout()
@@ -198,11 +247,53 @@ def plot(steps: list[int], peer: list[float], fp8: list[float], rel: list[float]
     os.replace(tmp, path)  # never a half-written figure
 
 
+def control_kind(args: argparse.Namespace) -> str | None:
+    """Which rounding-sized change the control run makes (module doc), or None without --control."""
+    if args.control is None:
+        return None
+    if args.loop == "builtin":
+        return "perturb"
+    if args.control != "auto":
+        return args.control
+    # bf16 matmuls on the CPU (oneDNN) sum in the same order whatever the thread count: two bf16 runs on 1
+    # and 2 threads logged bitwise-equal losses here, so a thread-count control of a bf16 peer measures nothing
+    return "threads" if args.peer == "fp32" else "fp32"
+
+
+def run_control(kind: str, args: argparse.Namespace, out: Path) -> tuple[dict[int, float], str]:
+    """The control run's losses and what it changed."""
+    import copy
+
+    import torch
+
+    if kind == "perturb":
+        return run_builtin(args.peer, args, out, perturb=2**-9), f"{args.peer}, initial weights perturbed by 2^-9"
+    if kind == "threads":
+        other = copy.copy(args)
+        other.threads = 1 if (args.threads or torch.get_num_threads()) != 1 else 2
+        return (run_cli(args.peer, other, out),
+                f"{args.peer} on {other.threads} thread(s) instead of {args.threads or torch.get_num_threads()}")
+    return run_cli("fp32", args, out), f"fp32 instead of {args.peer}"
+
+
+def print_table(c: Comparison, args: argparse.Namespace) -> None:
+    every = max(1, len(c.steps) // 10)
+    print(f"\n{'step':>6} {args.peer + ' loss':>10} {'fp8 loss':>10} {'rel diff %':>10}")
+    for i in list(range(0, len(c.steps), every)) + ([len(c.steps) - 1] if (len(c.steps) - 1) % every else []):
+        print(f"{c.steps[i]:>6} {c.peer[i]:>10.4f} {c.other[i]:>10.4f} {100 * c.rel[i]:>10.3f}")
+    print(f"last {args.window} steps: mean {args.peer} {c.peer_mean:.4f}, mean fp8 {c.other_mean:.4f}; "
+          f"mean relative difference {100 * c.mean_rel:.3f}% (difference of the means {100 * c.diff_of_means:.3f}%)")
+    print(f"signed difference (fp8 - peer) / peer, mean per 25-step block, %: {c.blocks()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--window", type=int, default=50, help="last steps averaged for the figure")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="several seeds: each pair (and control) runs in OUT_DIR/seedN, and the figure is also "
+                        "computed on the loss curves averaged over the seeds")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--loop", choices=("auto", "cli", "builtin"), default="auto",
                    help="auto: the real training loop when frugallm.train is installed")
@@ -215,9 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the training loop's, 3e-3; the builtin loop's is the same)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--control", action="store_true",
-                   help="a third run, the peer with a rounding-sized change (builtin: initial weights perturbed "
-                        "by 2^-9; cli: another CPU thread count), whose drift is the metric's noise floor")
+    p.add_argument("--control", nargs="?", const="auto", default=None, choices=("auto", "threads", "fp32"),
+                   help="a third run with a rounding-sized change, whose drift from the peer is the metric's noise "
+                        "floor: threads (cli: another CPU thread count, only the summation order differs), fp32 "
+                        "(cli, bf16 peer: the peer in fp32, how far the bf16 baseline is from fp32 itself); auto: "
+                        "threads for an fp32 peer, fp32 for a bf16 one; the builtin loop perturbs the initial "
+                        "weights by 2^-9")
     p.add_argument("--out-dir", type=Path, default=Path("runs/fp8_parity"), help="where runs, PNG and JSON go")
     p.add_argument("--reuse", action="store_true",
                    help="cli loop: read runs already finished in --out-dir with the same settings instead of "
@@ -225,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.loop == "auto":
         args.loop = "cli" if importlib.util.find_spec("frugallm.train.cli") else "builtin"
+    import copy
+
     import torch
 
     from frugallm.train.loop import resolve_precision
@@ -235,70 +331,83 @@ def main(argv: list[str] | None = None) -> int:
     elif args.loop == "cli" and args.peer != outer:
         p.error(f"on this device `frugallm train --precision fp8` computes in {outer} outside its GEMMs; "
                 f"a {args.peer} peer would compare two things at once: use --peer {outer} (or auto)")
+    kind = control_kind(args)
+    if kind == "threads" and torch.cuda.is_available():
+        p.error("--control threads changes the CPU thread count; on a GPU use --loop builtin")
+    if kind == "fp32" and args.peer == "fp32":
+        p.error("--control fp32 needs a bf16 peer; an fp32 peer's control is another thread count (threads)")
     print(f"peer: {args.peer}; fp8 run: FP8 GEMMs, {args.peer if args.loop == 'builtin' else outer} elsewhere",
           flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     run = run_cli if args.loop == "cli" else run_builtin
+    seeds = args.seeds or [args.seed]
     start = time.perf_counter()
-    peer_losses = run(args.peer, args, args.out_dir / args.peer)
-    fp8_losses = run("fp8", args, args.out_dir / "fp8")
-    control_losses: dict[int, float] = {}
-    if args.control and args.loop == "builtin":
-        control_what = "its initial weights perturbed by 2^-9"
-        control_losses = run_builtin(args.peer, args, args.out_dir / "control", perturb=2**-9)
-    elif args.control and torch.cuda.is_available():
-        p.error("--control with the cli loop changes the CPU thread count; on a GPU use --loop builtin")
-    elif args.control:  # the real loop: the same run on another thread count, so only summation order differs
-        import copy
-
-        other = copy.copy(args)
-        other.threads = 1 if (args.threads or torch.get_num_threads()) != 1 else 2
-        control_what = f"{other.threads} thread(s) instead of {args.threads or torch.get_num_threads()}"
-        control_losses = run_cli(args.peer, other, args.out_dir / "control")
-    steps = sorted(set(peer_losses) & set(fp8_losses))
-    if len(steps) < args.window:
-        print(f"only {len(steps)} common steps; need at least --window {args.window}", file=sys.stderr)
-        return 1
-    peer = [peer_losses[s] for s in steps]
-    fp8 = [fp8_losses[s] for s in steps]
-    rel = [abs(b - a) / a for a, b in zip(peer, fp8, strict=True)]
-    last = slice(len(steps) - args.window, len(steps))
-    mean_rel = sum(rel[last]) / args.window
-    peer_mean, fp8_mean = sum(peer[last]) / args.window, sum(fp8[last]) / args.window
-    every = max(1, len(steps) // 10)
-    print(f"\n{'step':>6} {args.peer + ' loss':>10} {'fp8 loss':>10} {'rel diff %':>10}")
-    for i in list(range(0, len(steps), every)) + ([len(steps) - 1] if (len(steps) - 1) % every else []):
-        print(f"{steps[i]:>6} {peer[i]:>10.4f} {fp8[i]:>10.4f} {100 * rel[i]:>10.3f}")
-    print(f"last {args.window} steps: mean {args.peer} {peer_mean:.4f}, mean fp8 {fp8_mean:.4f}; "
-          f"mean relative difference {100 * mean_rel:.3f}% (difference of the means "
-          f"{100 * abs(fp8_mean - peer_mean) / peer_mean:.3f}%)")
-    signed = [(b - a) / a for a, b in zip(peer, fp8, strict=True)]
-    blocks = [(steps[i : i + 25], signed[i : i + 25]) for i in range(0, len(steps), 25)]
-    print("signed difference (fp8 - peer) / peer, mean per 25-step block, %: "
-          + "  ".join(f"{ss[0]}-{ss[-1]}: {100 * sum(d) / len(d):+.2f}" for ss, d in blocks))
-    control_rel = None
-    if control_losses:
-        last_steps = steps[last]
-        control_rel = sum(abs(control_losses[s] - peer_losses[s]) / peer_losses[s] for s in last_steps) / args.window
-        print(f"control ({args.peer} with {control_what}): mean relative difference "
-              f"{100 * control_rel:.3f}% over the same steps, the noise floor of this metric at this scale")
-    png = args.out_dir / "fp8_parity.png"
-    control_curve = ([abs(control_losses[s] - peer_losses[s]) / peer_losses[s] for s in steps]
-                     if control_losses else None)
-    plot(steps, peer, fp8, rel, args, png, control_curve)
-    summary = {"steps": len(steps), "window": args.window, "peer": args.peer, "loop": args.loop,
-               "preset": args.preset, "backend": args.backend, "seed": args.seed,
-               "mean_rel_diff": mean_rel, "peer_mean": peer_mean, "fp8_mean": fp8_mean, "control_rel_diff": control_rel,
+    per_seed, curves = [], {"peer": [], "fp8": [], "control": []}
+    control_what = ""
+    for seed in seeds:
+        sargs = copy.copy(args)
+        sargs.seed = seed
+        sdir = args.out_dir if len(seeds) == 1 else args.out_dir / f"seed{seed}"
+        peer_losses = run(args.peer, sargs, sdir / args.peer)
+        fp8_losses = run("fp8", sargs, sdir / "fp8")
+        curves["peer"].append(peer_losses)
+        curves["fp8"].append(fp8_losses)
+        fp8 = compare(peer_losses, fp8_losses, args.window)
+        control = None
+        if kind is not None:
+            control_losses, control_what = run_control(kind, sargs, sdir / "control")
+            curves["control"].append(control_losses)
+            control = compare(peer_losses, control_losses, args.window)
+        print(f"\n== seed {seed}")
+        print_table(fp8, args)
+        if control is not None:
+            print(f"control ({control_what}): mean relative difference {100 * control.mean_rel:.3f}% over the same "
+                  f"steps (difference of the means {100 * control.diff_of_means:.3f}%)")
+        sdir.mkdir(parents=True, exist_ok=True)
+        plot(fp8, args, sdir / "fp8_parity.png", f"FP8 vs {args.peer}: {args.preset}, seed {seed}, {args.loop} loop",
+             control, control_what)
+        per_seed.append({"seed": seed, "mean_rel_diff": fp8.mean_rel, "diff_of_means": fp8.diff_of_means,
+                         "peer_mean": fp8.peer_mean, "fp8_mean": fp8.other_mean,
+                         "control_rel_diff": control.mean_rel if control else None,
+                         "control_diff_of_means": control.diff_of_means if control else None})
+    headline = compare(mean_curve(curves["peer"]), mean_curve(curves["fp8"]), args.window)
+    headline_control = (compare(mean_curve(curves["peer"]), mean_curve(curves["control"]), args.window)
+                        if curves["control"] else None)
+    if len(seeds) > 1:
+        print(f"\n== the loss curves averaged over seeds {', '.join(map(str, seeds))}")
+        print_table(headline, args)
+        print(f"\n{'seed':>6} {'fp8 %':>8} {'fp8 means %':>12} {'control %':>10} {'control means %':>16}"
+              "   (mean relative difference over the window; difference of the window means)")
+        for r in per_seed:
+            cr, cm = r["control_rel_diff"], r["control_diff_of_means"]
+            print(f"{r['seed']:>6} {100 * r['mean_rel_diff']:>8.3f} {100 * r['diff_of_means']:>12.3f} "
+                  + (f"{100 * cr:>10.3f} {100 * cm:>16.3f}" if cr is not None else ""))
+        print(f"{'mean':>6} {100 * headline.mean_rel:>8.3f} {100 * headline.diff_of_means:>12.3f} "
+              + (f"{100 * headline_control.mean_rel:>10.3f} {100 * headline_control.diff_of_means:>16.3f}"
+                 if headline_control else "") + "   (of the seed-averaged curves)")
+        plot(headline, args, args.out_dir / "fp8_parity.png",
+             f"FP8 vs {args.peer}: {args.preset}, mean of seeds {', '.join(map(str, seeds))}, {args.loop} loop",
+             headline_control, control_what)
+    elif headline_control is not None:
+        print(f"control ({control_what}): the noise floor of this metric at this scale")
+    summary = {"steps": len(headline.steps), "window": args.window, "peer": args.peer, "loop": args.loop,
+               "preset": args.preset, "backend": args.backend, "seeds": seeds, "control": control_what or None,
+               "per_seed": per_seed, "mean_rel_diff": headline.mean_rel, "diff_of_means": headline.diff_of_means,
+               "peer_mean": headline.peer_mean, "fp8_mean": headline.other_mean,
+               "control_rel_diff": headline_control.mean_rel if headline_control else None,
                "elapsed_s": round(time.perf_counter() - start, 1)}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     tmp = args.out_dir / "fp8_parity.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, args.out_dir / "fp8_parity.json")
-    print(f"wrote {png}")
-    print(f"RESULT fp8_rel_loss_diff_pct={100 * mean_rel:.3f} window={args.window} steps={len(steps)} "
-          f"peer={args.peer} loop={args.loop} preset={args.preset} backend={args.backend} "
-          f"below_0.25pct={'yes' if mean_rel < 0.0025 else 'no'}"
-          + (f" control_rel_diff_pct={100 * control_rel:.3f}" if control_rel is not None else ""))
+    print(f"wrote {args.out_dir / 'fp8_parity.png'}")
+    per = ",".join(f"{100 * r['mean_rel_diff']:.3f}" for r in per_seed)
+    print(f"RESULT fp8_rel_loss_diff_pct={100 * headline.mean_rel:.3f} window={args.window} "
+          f"steps={len(headline.steps)} peer={args.peer} loop={args.loop} preset={args.preset} "
+          f"backend={args.backend} seeds={len(seeds)} below_0.25pct={'yes' if headline.mean_rel < 0.0025 else 'no'}"
+          + (f" per_seed_pct={per}" if len(seeds) > 1 else "")
+          + (f" control_rel_diff_pct={100 * headline_control.mean_rel:.3f}" if headline_control else ""))
     return 0
 
 
