@@ -104,9 +104,10 @@ def cpu_model() -> str:
 
 def _probe(dtype: Any, budget_s: float) -> float:
     """Best FLOP/s of square matmuls on the GEMM the model's training layers call (``frugallm.model.gemm``:
-    oneDNN or MKL for float32 on the CPU) within about ``budget_s`` seconds. Sizes grow from 256 while the next one is predicted to fit the budget, so a slow
-    dtype (bf16 without AVX512-BF16 runs at a few GFLOP/s) cannot overrun it. The best, not the mean: a
-    peak is what the hardware does when nothing else interferes."""
+    oneDNN or MKL for float32 on the CPU) within about ``budget_s`` seconds. Sizes grow from 256 while the
+    next one is predicted to fit the budget, so a slow dtype (bf16 without AVX512-BF16 runs at a few
+    GFLOP/s) cannot overrun it. The best, not the mean: a peak is what the hardware does when nothing else
+    interferes."""
     import torch
 
     from frugallm.model.gemm import nt

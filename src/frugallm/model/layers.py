@@ -80,7 +80,8 @@ def fuse_linears(*linears: nn.Module) -> bool:
     training (the fused backward is one input-gradient GEMM instead of one per linear and their sum) and all
     are plain linears (not converted to FP8, not sharded). Not under no_grad: serving would copy the
     weights on every decode step (at DeepSeek-V3 size 0.5 GB per dense layer) to save nothing."""
-    return torch.is_grad_enabled() and all(type(m) in (nn.Linear, Linear) and m.weight.requires_grad for m in linears)
+    plain = (nn.Linear, Linear)
+    return torch.is_grad_enabled() and all(type(m) in plain and m.weight.requires_grad for m in linears)
 
 
 class MLP(nn.Module):

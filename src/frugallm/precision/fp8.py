@@ -130,7 +130,7 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe | None = None, *, backend
                 continue
             if isinstance(child, (Fp8Linear, Fp8GroupedExperts)):
                 child.recipe = recipe
-            elif type(child) in (nn.Linear, Linear):  # exact types: subclasses may change semantics we do not know
+            elif type(child) in (nn.Linear, Linear):  # exact types: subclasses may mean what we do not know
                 setattr(parent, child_name, Fp8Linear.from_linear(child, recipe))
                 converted += 1
             elif type(child) is GroupedExperts:
