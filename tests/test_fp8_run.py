@@ -30,16 +30,11 @@ def test_parity_benchmark_reuses_only_a_matching_finished_run(tmp_path, capsys) 
     """`fp8_parity.py --reuse` re-reads a finished run instead of training it again, and only when its
     config.toml is the one this command would write: another batch size, or too few steps, trains again."""
     import argparse
-    import importlib.util
     import json
-    from pathlib import Path
 
     from frugallm.train.runconfig import write_run_config
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_parity.py"
-    spec = importlib.util.spec_from_file_location("fp8_parity_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     run = tmp_path / "fp8"
     run.mkdir()
     write_run_config(run / "config.toml", preset("tiny"),
@@ -61,3 +56,41 @@ def test_parity_benchmark_reuses_only_a_matching_finished_run(tmp_path, capsys) 
     (run / "config.toml").write_text("[train\n")  # a damaged config: named, then it trains again
     assert bench.reusable("fp8", args, run) is None
     assert "config.toml is unreadable" in capsys.readouterr().out
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_parity.py"
+    spec = importlib.util.spec_from_file_location("fp8_parity_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_parity_figures_per_seed_and_on_seed_averaged_curves() -> None:
+    """The window figure is the mean per-step |other - peer| / peer; averaging seeds whose differences have
+    opposite signs cancels them in the averaged curves' figure, not in the per-seed ones."""
+    import argparse
+
+    import pytest
+
+    bench = _bench()
+    peer = {s: 4.0 for s in range(1, 11)}
+    up = {s: 4.0 * (1.01 if s > 5 else 1.0) for s in range(1, 11)}  # +1% over the last 5 steps
+    down = {s: 4.0 * (0.99 if s > 5 else 1.0) for s in range(1, 12)}  # -1%, and one step more
+    c = bench.compare(peer, up, window=5)
+    assert c.steps == list(range(1, 11)) and c.mean_rel == pytest.approx(0.01)
+    assert c.diff_of_means == pytest.approx(0.01) and c.blocks(5) == "1-5: +0.00  6-10: +1.00"
+    assert bench.compare(peer, up, window=10).mean_rel == pytest.approx(0.005)
+    avg = bench.mean_curve([up, down])
+    assert sorted(avg) == list(range(1, 11))  # only the steps every seed logged
+    assert bench.compare(peer, avg, window=5).mean_rel == pytest.approx(0.0)
+    with pytest.raises(SystemExit, match="need at least --window 20"):
+        bench.compare(peer, up, window=20)
+    ns = argparse.Namespace
+    assert bench.control_kind(ns(control=None, loop="cli", peer="bf16")) is None
+    assert bench.control_kind(ns(control="auto", loop="cli", peer="bf16")) == "fp32"
+    assert bench.control_kind(ns(control="auto", loop="cli", peer="fp32")) == "threads"
+    assert bench.control_kind(ns(control="threads", loop="builtin", peer="bf16")) == "perturb"
