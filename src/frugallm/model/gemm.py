@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from frugallm.errors import DeviceError
 
@@ -118,6 +119,7 @@ class _OneDnnLinear(torch.autograd.Function):
         return _onednn_nt(x2, weight).view(*x.shape[:-1], weight.shape[0])  # [*, N]
 
     @staticmethod
+    @once_differentiable  # oneDNN's op has no derivative: a double backward is an error, not a silent zero
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
         x2, weight = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])  # [M, N]
