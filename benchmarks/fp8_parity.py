@@ -42,7 +42,10 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from frugallm.config import ModelConfig
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
@@ -120,9 +123,11 @@ def stdlib_bytes(limit: int = 8 << 20) -> bytes:
     return b"\n".join(chunks)
 
 
-def run_builtin(precision: str, args: argparse.Namespace, out: Path, perturb: float = 0.0) -> dict[int, float]:
-    """One training run; ``perturb`` > 0 multiplies every initial weight by (1 + perturb * N(0, 1)), the
-    control run that measures how far two runs drift apart from rounding-sized differences alone."""
+def run_builtin(precision: str, args: argparse.Namespace, out: Path, perturb: float = 0.0,
+                cfg: ModelConfig | None = None) -> dict[int, float]:
+    """One training run of ``cfg`` (default: the ``args.preset`` preset with byte tokens); ``perturb`` > 0
+    multiplies every initial weight by (1 + perturb * N(0, 1)), the control run that measures how far two runs
+    drift apart from rounding-sized differences alone."""
     import torch
 
     from frugallm.config import preset
@@ -130,7 +135,8 @@ def run_builtin(precision: str, args: argparse.Namespace, out: Path, perturb: fl
     from frugallm.precision import Fp8Recipe, convert_to_fp8
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = preset(args.preset).replace(vocab_size=256)  # byte tokens
+    if cfg is None:
+        cfg = preset(args.preset).replace(vocab_size=256)  # byte tokens
     model = build_model(cfg, device=device, seed=args.seed)
     if perturb:
         noise = torch.Generator(device=device).manual_seed(args.seed + 1)

@@ -1,10 +1,11 @@
-"""How `frugallm train --precision fp8` sets up a run: FP8 GEMMs inside the device's fast high precision.
+"""How `frugallm train --precision fp8` sets up a run, and the training-loss parity figure at a size this suite
+affords.
 
-The training-loss parity figure itself (the `tiny` preset through the real loop for hundreds of steps against
-its peer) is benchmarks/fp8_parity.py: at a few minutes per hundred steps on 2 CPU cores it is too long for
-this suite, and at the small batches that would fit, two runs drift apart by more than the figure measures.
+The issue's figure (the `tiny` preset, hundreds of steps, the mean relative loss difference over the last 50
+steps below 0.25%) is benchmarks/fp8_parity.py at batch 32 x 256 over three seeds: about three hours on 2 CPU
+cores. At the batches a test can afford, two runs drift apart by about 1% from any rounding-sized change, so
+the test here holds FP8 to that drift, measured in the same test by a control run.
 """
-
 from __future__ import annotations
 
 import torch
@@ -94,3 +95,35 @@ def test_parity_figures_per_seed_and_on_seed_averaged_curves() -> None:
     assert bench.control_kind(ns(control="auto", loop="cli", peer="bf16")) == "fp32"
     assert bench.control_kind(ns(control="auto", loop="cli", peer="fp32")) == "threads"
     assert bench.control_kind(ns(control="threads", loop="builtin", peer="bf16")) == "perturb"
+
+
+def test_fp8_training_tracks_its_peer_within_a_rounding_control_over_200_steps(tmp_path) -> None:
+    """200 AdamW steps of a shrunk `tiny` (MLA, MoE with its bias updates, MTP) on real text, through the
+    benchmark's builtin loop: the peer precision, FP8 (emulated), and the peer again from initial weights
+    perturbed by 2^-9. FP8's drift from the peer over the last 50 steps must stay within twice the control's
+    (measured here: FP8 0.91%, control 1.58%, bf16 peer on an AVX-512 EPYC), and both runs must learn. A wrong
+    scale or a dropped gradient in any of the three FP8 GEMMs moves the loss by far more."""
+    import argparse
+
+    bench = _bench()
+    peer = resolve_precision("auto", torch.device("cpu"))
+    cfg = preset("tiny").replace(vocab_size=256, hidden_size=128, num_hidden_layers=2, n_routed_experts=8,
+                                 moe_intermediate_size=128, intermediate_size=384, q_lora_rank=64, kv_lora_rank=32)
+    args = argparse.Namespace(seed=0, backend="emulated", peer=peer, lr=3e-3, batch_size=8, seq_len=64, steps=200,
+                              preset="tiny")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(min(2, threads))
+        runs = {name: bench.run_builtin(prec, args, tmp_path / name, perturb=perturb, cfg=cfg)
+                for name, prec, perturb in (("peer", peer, 0.0), ("fp8", "fp8", 0.0), ("control", peer, 2**-9))}
+    finally:
+        torch.set_num_threads(threads)
+    fp8 = bench.compare(runs["peer"], runs["fp8"], window=50)
+    control = bench.compare(runs["peer"], runs["control"], window=50)
+    print(f"\nlast 50 of 200 steps, against {peer}: fp8 {100 * fp8.mean_rel:.3f}% "
+          f"(difference of the means {100 * fp8.diff_of_means:.3f}%), control {100 * control.mean_rel:.3f}% "
+          f"({100 * control.diff_of_means:.3f}%); loss {runs['peer'][1]:.3f} -> {fp8.peer_mean:.3f} ({peer}), "
+          f"{fp8.other_mean:.3f} (fp8)")
+    assert fp8.other_mean < 0.6 * runs["fp8"][1] and fp8.peer_mean < 0.6 * runs["peer"][1], "both runs learn"
+    assert fp8.mean_rel < 2 * control.mean_rel, "FP8 drifts further from its peer than a rounding-sized change"
+    assert fp8.mean_rel < 0.03
