@@ -113,6 +113,21 @@ def test_hopper_without_a_capable_gpu_is_a_clear_error():
     assert isinstance(select_backend("emulated", "cpu"), EmulatedBackend), "emulated stays available"
 
 
+@pytest.mark.skipif(not NO_HOPPER, reason="a compute capability 9.0 GPU is present")
+def test_training_with_hopper_and_no_capable_gpu_fails_before_reading_data(tmp_path):
+    """The refusal comes from the Trainer's set-up, with the memory check, not after the corpus is tokenized
+    (a missing corpus would be the error otherwise)."""
+    from frugallm.config import preset
+    from frugallm.train.config import TrainConfig
+    from frugallm.train.loop import Trainer
+
+    cfg = TrainConfig(precision="fp8", fp8_backend="hopper", device="cpu", max_steps=1,
+                      data=[str(tmp_path / "no-such-corpus")])
+    with pytest.raises(DeviceError, match="fp8 backend 'hopper' is not available"):
+        Trainer(preset("tiny"), cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_auto_picks_emulated_on_cpu_and_logs_it(caplog):
     _backend_for.cache_clear()
     with caplog.at_level(logging.INFO, logger="frugallm.precision"):

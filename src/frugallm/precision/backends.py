@@ -134,10 +134,7 @@ class HopperBackend(Fp8Backend):
 
     def __init__(self, device: torch.device):
         self.device = device
-        reason = hopper_unavailable_reason(device)
-        if reason:
-            raise DeviceError(f"fp8 backend 'hopper' is not available: {reason}. "
-                              "Use backend 'emulated' (any device) or 'auto'.")
+        require_hopper(device)
         self._probe()
 
     @staticmethod
@@ -217,6 +214,14 @@ def hopper_unavailable_reason(device: torch.device | str | None = None) -> str |
     if not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
         return f"torch {torch.__version__} has no blockwise scaled_mm (needs >= 2.9 with CUDA >= 12.9)"
     return None
+
+
+def require_hopper(device: torch.device | str | None = None) -> None:
+    """Raise ``DeviceError`` naming why, and what to use instead, when the 'hopper' backend cannot run."""
+    reason = hopper_unavailable_reason(device)
+    if reason:
+        raise DeviceError(f"fp8 backend 'hopper' is not available: {reason}. "
+                          "Use backend 'emulated' (any device) or 'auto'.")
 
 
 @functools.cache

@@ -48,10 +48,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from frugallm.errors import ConfigError, DeviceError
+from frugallm.errors import ConfigError
 from frugallm.model.gemm import Linear
 from frugallm.model.moe import GroupedExperts
-from frugallm.precision.backends import BACKENDS, hopper_unavailable_reason
+from frugallm.precision.backends import BACKENDS, require_hopper
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
 from frugallm.precision.quant import E4M3, e4m3_to_float
 
@@ -117,10 +117,7 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe | None = None, *, backend
     if backend is not None:
         recipe = replace(recipe, backend=backend)
     if recipe.backend == "hopper":
-        reason = hopper_unavailable_reason()
-        if reason:
-            raise DeviceError(f"fp8 backend 'hopper' is not available: {reason}. "
-                              "Use backend 'emulated' (any device) or 'auto'.")
+        require_hopper()
     patterns = tuple(keep)
     converted = 0
     for parent_name, parent in list(model.named_modules()):

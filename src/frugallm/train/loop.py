@@ -164,6 +164,10 @@ class Trainer:
         self.amp_dtype = None if outer == "fp32" else torch.bfloat16
         self.precision_label = cfg.precision + (f" (FP8 GEMMs, {outer} elsewhere)" if cfg.precision == "fp8" else "")
         self.depth = model_cfg.num_nextn_predict_layers
+        if cfg.precision == "fp8" and cfg.fp8_backend == "hopper":  # before any data is read, as memory is
+            from frugallm.precision.backends import require_hopper
+
+            require_hopper(self.device)
         self._check_memory()  # before any data is read: a run that cannot fit fails in a second
 
     # ----- set-up -------------------------------------------------------------------------------------
