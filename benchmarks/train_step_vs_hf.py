@@ -2,7 +2,7 @@
 same configuration and same weights, in one process. Prints a table and a final RESULT line.
 
     .venv/bin/python benchmarks/train_step_vs_hf.py [--preset tiny] [--batch 16] [--seq 256] [--steps 16]
-        [--dtype float32|bfloat16] [--device cpu|cuda]
+        [--dtype float32|bfloat16] [--device cpu|cuda] [--profile]
 
 Both models run in the same precision with fused AdamW: ours as `frugallm train` builds it
 (`frugallm.train.optim.build_optimizer`), theirs as transformers' Trainer does by default on torch >= 2.8
@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--profile", action="store_true",
+                    help="then profile two steps of each implementation and print where its time goes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,6 +129,79 @@ def main() -> None:
             ratios.append(f"speedup_vs_ours_mkl_gemms={mid:.2f}")
     print(f"RESULT preset={args.preset} dtype={args.dtype} device={args.device} cpu_gemm={default_gemm} "
           f"ours_tokens_per_s={tokens / rows[0][1]:.0f} {' '.join(ratios)}")
+    if args.profile:
+        print("\nwhere the step's time goes (operators' own time, two profiled steps, ms per step):")
+        print(f"{'implementation':<36}{'total':>8}{'GEMMs':>8}{'GFLOP/s':>9}{'attention':>11}{'optimizer':>11}"
+              f"{'other':>8}  largest other operators")
+        for name, step in impls.items():
+            print(f"{name:<36}" + profile_step(step, args.device))
+        print("attention: scaled_dot_product_attention's forward and backward where SDPA runs a fused kernel; "
+              "where it decomposes (its math path), the backward runs as separate GEMM and softmax nodes and "
+              "counts under those")
+
+
+# operators whose own time is a GEMM's, with the FLOPs of their recorded shapes
+def _gemm_flops(name: str, shapes: list) -> int | None:
+    import math
+
+    try:
+        if name in ("aten::mm", "aten::bmm"):
+            a, b = shapes[0], shapes[1]
+            return 2 * math.prod(a) * b[-1]
+        if name in ("aten::addmm", "aten::addmm_", "aten::baddbmm"):
+            a, b = shapes[1], shapes[2]
+            return 2 * math.prod(a) * b[-1]
+        if name == "mkldnn::_linear_pointwise":
+            x, w = shapes[0], shapes[1]
+            return 2 * math.prod(x) * w[0]
+    except (IndexError, TypeError):
+        return 0
+    return None
+
+
+def _in_attention(event) -> bool:
+    """The event is, or runs inside, scaled_dot_product_attention or its backward."""
+    e = event
+    while e is not None:
+        if "scaled_dot_product" in e.name or "flash_attention" in e.name or "ScaledDotProduct" in e.name:
+            return True
+        e = e.cpu_parent
+    return False
+
+
+def profile_step(step, device: str, steps: int = 2) -> str:
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    parts: Counter[str] = Counter()
+    other: Counter[str] = Counter()
+    flops = 0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CPU or e.self_cpu_time_total <= 0:
+            continue
+        ms = e.self_cpu_time_total / 1e3 / steps
+        f = _gemm_flops(e.name, e.input_shapes)
+        if _in_attention(e):  # scaled_dot_product_attention, fused or decomposed (its GEMMs included)
+            parts["attention"] += ms
+        elif f is not None:
+            parts["gemm"] += ms
+            flops += f / steps
+        elif "adam" in e.name.lower():
+            parts["optimizer"] += ms
+        else:
+            parts["other"] += ms
+            other[e.name] += ms
+    total = sum(parts.values())
+    rate = flops / (parts["gemm"] / 1e3) / 1e9 if parts["gemm"] else 0.0
+    top = ", ".join(f"{n.split('::')[-1]} {ms:.0f}" for n, ms in other.most_common(4))
+    note = " (GPU: CPU-side times only)" if device == "cuda" else ""
+    return (f"{total:>8.0f}{parts['gemm']:>8.0f}{rate:>9.0f}{parts['attention']:>11.0f}{parts['optimizer']:>11.0f}"
+            f"{parts['other']:>8.0f}  {top}{note}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 affords.
 
 The issue's figure (the `tiny` preset, hundreds of steps, the mean relative loss difference over the last 50
-steps below 0.25%) is benchmarks/fp8_parity.py at batch 32 x 256 over three seeds: about three hours on 2 CPU
+steps below 0.25%) is benchmarks/fp8_parity.py at batch 32 x 256 over four seeds: about 3.5 hours on 2 CPU
 cores. At the batches a test can afford, two runs drift apart by about 1% from any rounding-sized change, so
 the test here holds FP8 to that drift, measured in the same test by a control run.
 """
