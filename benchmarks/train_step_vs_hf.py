@@ -144,18 +144,14 @@ def main() -> None:
 def _gemm_flops(name: str, shapes: list) -> int | None:
     import math
 
-    try:
-        if name in ("aten::mm", "aten::bmm"):
-            a, b = shapes[0], shapes[1]
-            return 2 * math.prod(a) * b[-1]
-        if name in ("aten::addmm", "aten::addmm_", "aten::baddbmm"):
-            a, b = shapes[1], shapes[2]
-            return 2 * math.prod(a) * b[-1]
-        if name == "mkldnn::_linear_pointwise":
-            x, w = shapes[0], shapes[1]
-            return 2 * math.prod(x) * w[0]
-    except (IndexError, TypeError):
-        return 0
+    if name in ("aten::mm", "aten::bmm"):  # a [.., M, K] @ b [.., K, N]
+        return 2 * math.prod(shapes[0]) * shapes[1][-1]
+    if name in ("aten::addmm", "aten::addmm_", "aten::baddbmm"):  # (c, a, b)
+        return 2 * math.prod(shapes[1]) * shapes[2][-1]
+    if name == "aten::_grouped_mm":  # a [M, K] rows grouped by offsets, b [G, K, N]: each row meets one group
+        return 2 * math.prod(shapes[0]) * shapes[1][-1]
+    if name == "mkldnn::_linear_pointwise":  # x [.., K], w [N, K]
+        return 2 * math.prod(shapes[0]) * shapes[1][0]
     return None
 
 

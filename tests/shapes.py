@@ -17,6 +17,11 @@ MICRO = ModelConfig(vocab_size=320, hidden_size=48, num_hidden_layers=2, interme
                     num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
                     first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=128)
 
+# `tiny` shrunk to train hundreds of steps in seconds on byte tokens (MLA, MoE, MTP as in `tiny`): the FP8
+# training checks
+FP8_SHRUNK_TINY = dict(vocab_size=256, hidden_size=128, num_hidden_layers=2, n_routed_experts=8,
+                       moe_intermediate_size=128, intermediate_size=384, q_lora_rank=64, kv_lora_rank=32)
+
 # the serving tests' model: large init so that greedy outputs are not all one token
 SERVE_TINY = dict(vocab_size=96, hidden_size=48, intermediate_size=64, moe_intermediate_size=16,
                   num_hidden_layers=2, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16,

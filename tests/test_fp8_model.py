@@ -15,6 +15,7 @@ from frugallm.model.gemm import Linear
 from frugallm.model.layers import RMSNorm
 from frugallm.model.moe import GroupedExperts, Router
 from frugallm.precision import Fp8GroupedExperts, Fp8Linear, Fp8Recipe, convert_to_fp8, fp8_module_names
+from shapes import FP8_SHRUNK_TINY
 
 ATTN = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -93,9 +94,7 @@ def test_short_training_run_tracks_the_unconverted_model():
     """A golden-curve-style check that fits CI: 6 AdamW steps on one batch of real text (bytes of a
     standard-library module), a shrunken tiny model, FP32 reference against FP8 emulated; the full
     bf16-vs-fp8 parity over hundreds of steps is benchmarks/fp8_parity.py."""
-    cfg = preset("tiny").replace(vocab_size=256, hidden_size=128, num_hidden_layers=2, n_routed_experts=8,
-                                 moe_intermediate_size=128, intermediate_size=384, q_lora_rank=64,
-                                 kv_lora_rank=32)
+    cfg = preset("tiny").replace(**FP8_SHRUNK_TINY)
     text = torch.frombuffer(bytearray(open(textwrap.__file__, "rb").read()), dtype=torch.uint8)
     tokens = text[: 8 * 26].long().view(8, 26)  # [B, S + 2]: next token and one MTP depth
 

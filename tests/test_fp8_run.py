@@ -6,6 +6,7 @@ steps below 0.25%) is benchmarks/fp8_parity.py at batch 32 x 256 over four seeds
 cores. At the batches a test can afford, two runs drift apart by about 1% from any rounding-sized change, so
 the test here holds FP8 to that drift, measured in the same test by a control run.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from frugallm.config import preset
 from frugallm.train.config import TrainConfig
 from frugallm.train.loop import Trainer, resolve_precision
+from shapes import FP8_SHRUNK_TINY
 
 
 def test_fp8_run_keeps_the_peer_precision_outside_its_gemms(tmp_path) -> None:
@@ -107,8 +109,7 @@ def test_fp8_training_tracks_its_peer_within_a_rounding_control_over_200_steps(t
 
     bench = _bench()
     peer = resolve_precision("auto", torch.device("cpu"))
-    cfg = preset("tiny").replace(vocab_size=256, hidden_size=128, num_hidden_layers=2, n_routed_experts=8,
-                                 moe_intermediate_size=128, intermediate_size=384, q_lora_rank=64, kv_lora_rank=32)
+    cfg = preset("tiny").replace(**FP8_SHRUNK_TINY)
     args = argparse.Namespace(seed=0, backend="emulated", peer=peer, lr=3e-3, batch_size=8, seq_len=64, steps=200,
                               preset="tiny")
     threads = torch.get_num_threads()
