@@ -21,6 +21,7 @@ from frugallm.cost.memory import (
 from frugallm.cost.params import param_counts
 from frugallm.errors import ConfigError, ResourceError
 from frugallm.model import build_model
+from frugallm.model.attention import cpu_blocked_attention
 from frugallm.precision import Fp8Recipe, convert_to_fp8
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
 from shapes import COST_SMALL
@@ -123,11 +124,14 @@ def _saved_bytes(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool
 
 
 def _predicted(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | None = None) -> int:
-    # d_qk > d_v here, so on the CPU v is padded to d_qk for the flash kernel (model.attention.CPU_FLASH_PAD_V)
+    # d_qk > d_v here, so on the CPU v is padded to d_qk for the flash kernel (model.attention.CPU_FLASH_PAD_V),
+    # unless float32 attention takes the blocked path (model.attention.cpu_blocked_attention)
     name = "fp32" if dtype == torch.float32 else "bf16"
     gemms = fp8 is not None
+    blocked = dtype == torch.float32 and cpu_blocked_attention(B, cfg.num_attention_heads, S)
     return (B * S * activation_bytes_per_token(cfg, S, dtype=name, fused_attention=True, pad_v=True,
-                                               fp8_gemms=gemms, fp8_saved_activations=bool(fp8))
+                                               fp8_gemms=gemms, fp8_saved_activations=bool(fp8),
+                                               blocked_attention=blocked)
             + step_buffer_bytes(cfg, dtype=name, fp8_gemms=gemms))
 
 
@@ -148,10 +152,21 @@ MOE_MTP, DENSE = dict(num_nextn_predict_layers=1), dict(q_lora_rank=None, ffn="d
 ])
 def test_activations_match_saved_tensors(changes, dtype, fp8, tol) -> None:
     cfg = ModelConfig(**{**SMALL, **changes})
+    assert cpu_blocked_attention(2, cfg.num_attention_heads, 64)  # float32 rows measure the blocked path
     S = 48 if fp8 is None else 64  # FP8: B*S = 128 tokens, one whole 1 x 128 scale tile per saved input row
     measured = _saved_bytes(cfg, dtype, B=2, S=S, fp8=fp8)
     predicted = _predicted(cfg, dtype, B=2, S=S, fp8=fp8)
     assert abs(predicted - measured) / measured < tol, (predicted, measured)
+
+
+@pytest.mark.parametrize("changes", [MOE_MTP, dict(attention="gqa", num_key_value_heads=1)])
+def test_activations_match_saved_tensors_through_the_flash_kernel(monkeypatch, changes) -> None:
+    """float32 attention with the blocked path off: SDPA's flash kernel, v padded, as bf16 always runs."""
+    monkeypatch.setattr("frugallm.model.attention.CPU_BLOCKED_ATTENTION", False)
+    cfg = ModelConfig(**{**SMALL, **changes})
+    measured = _saved_bytes(cfg, torch.float32, B=2, S=48)
+    predicted = _predicted(cfg, torch.float32, B=2, S=48)
+    assert abs(predicted - measured) / measured < 0.03, (predicted, measured)
 
 
 @pytest.mark.parametrize("changes, dtype, fp8", [

@@ -151,6 +151,50 @@ def test_gradcheck_attention_float64(attn_cls, changes) -> None:
     assert torch.autograd.gradcheck(lambda t: attn(t, rope), (x,), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("S", [1, 7, 32])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_blocked_causal_attention_equals_sdpa(S, dtype, tol) -> None:
+    """The CPU's blocked training path: output and the three gradients equal SDPA's causal attention
+    (computed in float64), for an odd length, one token, and v narrower than q and k."""
+    from frugallm.model.attention import _BlockedCausal
+
+    gen = torch.Generator().manual_seed(S)
+    q, k = (torch.randn(2, 3, S, 12, generator=gen, dtype=dtype, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, S, 8, generator=gen, dtype=dtype, requires_grad=True)
+    dout = torch.randn(2, 3, S, 8, generator=gen, dtype=dtype)
+    out = _BlockedCausal.apply(q, k, v, 0.3)
+    out.backward(dout)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, is_causal=True, scale=0.3)
+    ref.backward(dout.double())
+    assert out.dtype == dtype
+    for got, want in zip([out, q.grad, k.grad, v.grad], [ref] + [t.grad for t in ref_in], strict=True):
+        assert (got.double() - want).abs().max() <= tol * max(want.abs().max().item(), 1.0)
+
+
+def test_blocked_causal_attention_gradcheck_and_dispatch(monkeypatch) -> None:
+    from frugallm.model import attention
+
+    q, k = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: attention._BlockedCausal.apply(*t, 0.5), (q, k, v))
+    calls = []
+    real = attention._BlockedCausal.apply
+    monkeypatch.setattr(attention._BlockedCausal, "apply", lambda *a: calls.append(1) or real(*a))
+    x32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    attention.causal_attention(*x32, 0.5)  # training, float32, small: blocked
+    assert len(calls) == 1
+    with torch.no_grad():  # inference keeps SDPA (nothing to save for a backward)
+        attention.causal_attention(*x32, 0.5)
+    attention.causal_attention(*(t.detach().bfloat16().requires_grad_() for t in (q, k, v)), 0.5)  # bf16: SDPA
+    attention.causal_attention(*x32[:1], x32[1][..., :3, :], x32[2][..., :3, :], 0.5, q_offset=0)  # S != T
+    monkeypatch.setattr(attention, "CPU_BLOCKED_MAX_BYTES", attention.blocked_attention_bytes(1, 2, 5) - 1)
+    attention.causal_attention(*x32, 0.5)  # probabilities over the budget: SDPA
+    assert len(calls) == 1
+    # the probabilities kept: query blocks [0, 2) and [2, 5) attend 2 and 5 keys, per head
+    assert attention.blocked_attention_bytes(1, 2, 5) == 4 * 2 * (2 * 2 + 3 * 5)
+
+
 def test_attention_is_causal() -> None:
     model = build_model(ModelConfig(**SMALL))
     ids = torch.randint(0, 64, (1, 12))

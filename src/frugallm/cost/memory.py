@@ -26,7 +26,9 @@ this package's model, each counted once even when two ops save it (checked again
     and o_proj's input (n_h*d_v). On the CPU v is padded to d_qk so that SDPA takes its flash kernel
     (``pad_v``): v and the output are then n_h*d_qk each. PyTorch's math kernel (``fused_attention=False``)
     keeps the probabilities in fp32, 4*n_h*S bytes per token, instead of its output and log-sum-exp: this
-    term grows with the sequence.
+    term grows with the sequence. The CPU's float32 training path for short sequences
+    (``blocked_attention``, ``model.attention._BlockedCausal``) keeps q, k, v (unpadded) and each of its
+    two query blocks' probabilities, [b - a, b] per head for block [a, b): about 3*S/4 per token and head.
   FFN: SwiGLU keeps gate and up, silu(gate) and their product, 4*I. An MoE layer keeps the router's scores
     and top-k (4E + 12k + 8 bytes; plus an fp32 copy of its input, 4H, when activations are not fp32), per
     routed pair the gathered input H, 4*I_m and the expert output H (for the gate weight's gradient) and
@@ -173,7 +175,7 @@ def _input_bytes(width: int, b: int, fp8: Fp8Saved, readers: int = 1) -> int | F
 
 
 def _attention_activation_bytes(cfg: ModelConfig, b: int, seq_len: int, fused: bool, pad_v: bool,
-                                fp8: Fp8Saved = None) -> int | Fraction:
+                                fp8: Fp8Saved = None, blocked: bool = False) -> int | Fraction:
     nh, d_qk, d_v = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
     readers = 2 if cfg.attention == "mla" else 3  # q (q_a_proj or q_proj) and kv_a_proj; or q, k, v
     out = _norm_bytes(cfg.hidden_size, b, output_kept=False) + _input_bytes(cfg.hidden_size, b, fp8, readers)
@@ -181,7 +183,11 @@ def _attention_activation_bytes(cfg: ModelConfig, b: int, seq_len: int, fused: b
         out += _norm_bytes(cfg.kv_lora_rank, b, output_kept=False) + _input_bytes(cfg.kv_lora_rank, b, fp8)
         if cfg.q_lora_rank is not None:
             out += _norm_bytes(cfg.q_lora_rank, b, output_kept=False) + _input_bytes(cfg.q_lora_rank, b, fp8)
-    if fused:  # q, k, v and the kernel's output (v and output padded to d_qk when pad_v), log-sum-exp
+    if blocked:  # q, k, v and the probabilities of each query block, at the activation dtype
+        from frugallm.model.attention import blocked_attention_bytes
+
+        out += nh * (2 * d_qk + d_v) * b + Fraction(blocked_attention_bytes(1, nh, seq_len) * b, 4 * seq_len)
+    elif fused:  # q, k, v and the kernel's output (v and output padded to d_qk when pad_v), log-sum-exp
         d_vk = max(d_v, d_qk) if pad_v else d_v
         out += nh * (2 * d_qk + 2 * d_vk) * b + 4 * nh
     else:  # q, k, v and the fp32 probabilities
@@ -216,7 +222,8 @@ def _head_activation_bytes(cfg: ModelConfig) -> int:
 def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, *, dtype: object = "bf16",
                                recompute: bool = False, fused_attention: bool = True, pad_v: bool = False,
                                include_mtp: bool = True, fp8_gemms: bool = False,
-                               fp8_saved_activations: bool = False, fp8_tile: int = 128) -> int:
+                               fp8_saved_activations: bool = False, fp8_tile: int = 128,
+                               blocked_attention: bool = False) -> int:
     """Activation bytes kept per trained token of a ``seq_len`` sequence (model in the module docstring).
     ``fp8_gemms``: the model converted to FP8 GEMMs (same activations); ``fp8_saved_activations`` (needs
     ``fp8_gemms``): converted linears keep their inputs as e4m3 in 1 x ``fp8_tile`` tiles, rounded up."""
@@ -226,13 +233,14 @@ def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, *, dtype: object 
     b = dtype_bytes(dtype)
     H = cfg.hidden_size
     fp8 = Fraction(fp8_tile + 4, fp8_tile) if fp8_saved_activations else None
-    blocks = [(_attention_activation_bytes(cfg, b, seq_len, fused_attention, pad_v, fp8)
+    blocks = [(_attention_activation_bytes(cfg, b, seq_len, fused_attention, pad_v, fp8, blocked_attention)
                + _ffn_activation_bytes(cfg, cfg.is_moe_layer(i), b, fp8)) for i in range(cfg.num_hidden_layers)]
     heads = 8 + _head_activation_bytes(cfg)  # 8: the token ids the embedding keeps
     if include_mtp:
         for d in range(cfg.num_nextn_predict_layers):
             blocks.append(2 * _norm_bytes(H, b, output_kept=False) + _input_bytes(2 * H, b, fp8)  # eh_proj's
-                          + _attention_activation_bytes(cfg, b, seq_len, fused_attention, pad_v, fp8)
+                          + _attention_activation_bytes(cfg, b, seq_len, fused_attention, pad_v, fp8,
+                                                        blocked_attention)
                           + _ffn_activation_bytes(cfg, cfg.is_moe_layer(cfg.num_hidden_layers + d), b, fp8))
             heads += 8 + _head_activation_bytes(cfg)
     if not recompute:
@@ -314,11 +322,13 @@ def training_memory(cfg: ModelConfig, batch_tokens: int, *, precision: object = 
                     moments: object = "fp32", recompute: bool = False, grad_dtype: object = "fp32",
                     master_weights: bool | None = None, fused_attention: bool = True, pad_v: bool = False,
                     seq_len: int | None = None, shards: int = 1, fp8_gemms: bool = False,
-                    fp8_saved_activations: bool = False) -> TrainingMemory:
+                    fp8_saved_activations: bool = False, blocked_attention: bool = False) -> TrainingMemory:
     """Memory to train ``cfg`` on ``batch_tokens`` tokens per step (micro-batch x sequence length) with
     working weights and activations in ``precision`` (fp32, bf16, or fp8 with bf16 activations).
     ``master_weights`` defaults to True unless ``precision`` is fp32. ``seq_len`` matters only with
-    ``fused_attention=False``; it defaults to ``batch_tokens`` (one sequence), the worst case.
+    ``fused_attention=False`` or ``blocked_attention``; it defaults to ``batch_tokens`` (one sequence), the
+    worst case. ``blocked_attention``: attention as the CPU's float32 training path for short sequences runs
+    it (the module docstring; the Trainer passes ``model.attention.cpu_blocked_attention``).
     ``shards`` divides weights, master copy, gradients and optimizer states (FSDP / ZeRO-3).
     ``fp8_gemms``: this package's FP8 training (``frugallm train --precision fp8``), the model's GEMMs
     converted to FP8 with ``precision`` (fp32 or bf16) its weights and activations: the e4m3 weight copies
@@ -340,7 +350,8 @@ def training_memory(cfg: ModelConfig, batch_tokens: int, *, precision: object = 
     acts = batch_tokens * activation_bytes_per_token(cfg, seq_len or batch_tokens, dtype=act_dtype,
                                                      recompute=recompute, fused_attention=fused_attention,
                                                      pad_v=pad_v, fp8_gemms=gemms,
-                                                     fp8_saved_activations=fp8_saved_activations)
+                                                     fp8_saved_activations=fp8_saved_activations,
+                                                     blocked_attention=blocked_attention)
     step = step_buffer_bytes(cfg, dtype=act_dtype, fp8_gemms=gemms)
     if prec == "fp8" or (gemms and shards > 1):
         # no e4m3 weight copies kept per step: the weights are e4m3 already, or a sharded run quantizes them

@@ -198,16 +198,20 @@ class Trainer:
 
     def _check_memory(self) -> None:
         from frugallm.cost.memory import require_fits, training_memory
-        from frugallm.model.attention import CPU_FLASH_PAD_V
+        from frugallm.model.attention import CPU_FLASH_PAD_V, cpu_blocked_attention
 
         micro = self.cfg.batch_size // self.cfg.grad_accum // self.dist.world_size
+        cpu = self.device.type == "cpu"
+        blocked = (cpu and self.outer_precision == "fp32"
+                   and cpu_blocked_attention(micro, self.model_cfg.num_attention_heads, self.cfg.seq_len))
         # under bf16 autocast the fp32 parameters are the master copy and the bf16 casts the working weights
         mem = training_memory(self.model_cfg, micro * self.cfg.seq_len, seq_len=self.cfg.seq_len,
                               precision=self.outer_precision, moments=self.cfg.adam_moments,
                               fp8_gemms=self.cfg.precision == "fp8",
                               fp8_saved_activations=self.cfg.fp8_saved_activations,
                               recompute=self.cfg.activation_checkpointing,
-                              pad_v=CPU_FLASH_PAD_V and self.device.type == "cpu", shards=self.dist.world_size)
+                              pad_v=CPU_FLASH_PAD_V and cpu, blocked_attention=blocked,
+                              shards=self.dist.world_size)
         self.memory_available = available_memory(self.device)
         require_fits(mem, self.memory_available, where=f"this {self.device.type} device")
         self.memory_estimate = mem.as_dict()
