@@ -15,11 +15,20 @@ per-round ratios, with their interquartile range.
 Where frugallm's float32 training GEMMs run on oneDNN (``frugallm.model.gemm``: CPUs with AVX-512), a third
 row runs ours again with every GEMM on MKL, as transformers' are, so the table shows how much of the
 speed-up is the GEMM library and how much the rest of the implementation.
+
+The last column counts each step's minor page faults. With glibc's default malloc, memory freed at the end of
+a step's backward is returned to the system (the heap is trimmed, large blocks are unmapped) and the next
+step faults it in again, page by page; a fault cost about 1.1 us per 4 KiB page on the project's AMD EPYC
+(filling 100 MB fresh against the same 100 MB again). An implementation that allocates more fresh memory
+per step pays more of this, and the count varies from run to run with the heap's state, which moves the
+ratio. Run with ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648`` (glibc keeps the
+memory) to see the implementations without it; the figures of both runs are in the issue notes.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -48,14 +57,20 @@ def hf_model(cfg, ours, device, dtype, impl: str | None):
     return model
 
 
-def timed(step, device: str) -> float:
+def minor_faults() -> int:
+    """Minor page faults of this process so far: first touches of memory the allocator fresh-mapped."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(step, device: str) -> tuple[float, int]:
+    """Seconds and minor page faults of one step."""
     if device == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    f0, t0 = minor_faults(), time.perf_counter()
     step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, minor_faults() - f0
 
 
 def main() -> None:
@@ -104,17 +119,20 @@ def main() -> None:
         impls[f"transformers ({impl or 'default'} experts)"] = make_step(
             theirs, lambda m: m(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss, opt)
     times: dict[str, list[float]] = {name: [] for name in impls}
+    faults: dict[str, list[int]] = {name: [] for name in impls}
     for r in range(args.steps + 1):  # one warm-up round
         for name, step in impls.items():
             step()  # untimed: the timed step follows a step of the same model, as in training
-            t = timed(step, args.device)
+            t, f = timed(step, args.device)
             if r >= 1:
                 times[name].append(t)
+                faults[name].append(f)
     rows = [(name, statistics.median(t)) for name, t in times.items()]
     tokens = args.batch * args.seq
     print(f"\n{args.preset}, batch {args.batch} x {args.seq}, {args.dtype} on {args.device}, "
           f"{torch.get_num_threads()} threads, {args.steps} rounds")
-    print(f"{'implementation':<36}{'s/step':>10}{'tokens/s':>12}{'ours faster':>14}{'rounds 25-75%':>16}")
+    print(f"{'implementation':<36}{'s/step':>10}{'tokens/s':>12}{'ours faster':>14}{'rounds 25-75%':>16}"
+          f"{'page faults/step':>18}")
     ours_t = times["frugallm"]
     ratios = []
     for name, s in rows:
@@ -122,11 +140,15 @@ def main() -> None:
         per_round = sorted(t / o for t, o in zip(times[name], ours_t, strict=True))
         mid = statistics.median(per_round)
         q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
-        print(f"{name:<36}{s:>10.3f}{tokens / s:>12.0f}{mid:>13.2f}x{q1:>9.2f}-{q3:.2f}x")
+        print(f"{name:<36}{s:>10.3f}{tokens / s:>12.0f}{mid:>13.2f}x{q1:>9.2f}-{q3:.2f}x"
+              f"{statistics.median(faults[name]):>18.0f}")
         if name.startswith("transformers"):
             ratios.append(f"speedup_vs_hf_{name.split('(')[1].split()[0]}={mid:.2f}")
         elif name != "frugallm":
             ratios.append(f"speedup_vs_ours_mkl_gemms={mid:.2f}")
+    print("page faults/step: minor faults (median), each a first touch of memory the allocator fresh-mapped; "
+          "with glibc's default malloc, freed activation memory goes back to the system and the next step "
+          "faults it in again (module docstring)")
     print(f"RESULT preset={args.preset} dtype={args.dtype} device={args.device} cpu_gemm={default_gemm} "
           f"ours_tokens_per_s={tokens / rows[0][1]:.0f} {' '.join(ratios)}")
     if args.profile:
