@@ -187,6 +187,8 @@ def test_blocked_causal_attention_gradcheck_and_dispatch(monkeypatch) -> None:
     with torch.no_grad():  # inference keeps SDPA (nothing to save for a backward)
         attention.causal_attention(*x32, 0.5)
     attention.causal_attention(*(t.detach().bfloat16().requires_grad_() for t in (q, k, v)), 0.5)  # bf16: SDPA
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: SDPA, which autocast runs in bf16
+        attention.causal_attention(*x32, 0.5)
     attention.causal_attention(*x32[:1], x32[1][..., :3, :], x32[2][..., :3, :], 0.5, q_offset=0)  # S != T
     monkeypatch.setattr(attention, "CPU_BLOCKED_MAX_BYTES", attention.blocked_attention_bytes(1, 2, 5) - 1)
     attention.causal_attention(*x32, 0.5)  # probabilities over the budget: SDPA

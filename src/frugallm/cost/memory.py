@@ -186,7 +186,7 @@ def _attention_activation_bytes(cfg: ModelConfig, b: int, seq_len: int, fused: b
     if blocked:  # q, k, v and the probabilities of each query block, at the activation dtype
         from frugallm.model.attention import blocked_attention_bytes
 
-        out += nh * (2 * d_qk + d_v) * b + Fraction(blocked_attention_bytes(1, nh, seq_len) * b, 4 * seq_len)
+        out += nh * (2 * d_qk + d_v) * b + Fraction(blocked_attention_bytes(1, nh, seq_len, b), seq_len)
     elif fused:  # q, k, v and the kernel's output (v and output padded to d_qk when pad_v), log-sum-exp
         d_vk = max(d_v, d_qk) if pad_v else d_v
         out += nh * (2 * d_qk + 2 * d_vk) * b + 4 * nh

@@ -144,54 +144,54 @@ def _query_blocks(S: int) -> list[int]:
     return [0, S // 2, S] if S >= 2 else [0, S]
 
 
-def blocked_attention_bytes(batch: int, heads: int, seq: int) -> int:
-    """Bytes of the float32 probabilities ``_BlockedCausal`` keeps for backward: [heads, b - a, b] per sequence
-    and query block [a, b), about 3/8 of the full [S, S] score matrix's 4 * S * S."""
+def blocked_attention_bytes(batch: int, heads: int, seq: int, elem_bytes: int = 4) -> int:
+    """Bytes of the probabilities ``_BlockedCausal`` keeps for backward: [heads, b - a, b] per sequence and
+    query block [a, b), about 3/8 of the full [S, S] score matrix."""
     bounds = _query_blocks(seq)
-    return 4 * batch * heads * sum((b - a) * b for a, b in itertools.pairwise(bounds))
+    return elem_bytes * batch * heads * sum((b - a) * b for a, b in itertools.pairwise(bounds))
 
 
-def cpu_blocked_attention(batch: int, heads: int, seq: int) -> bool:
-    """Whether a CPU training step's causal self-attention of this shape takes the blocked path."""
-    return CPU_BLOCKED_ATTENTION and blocked_attention_bytes(batch, heads, seq) <= CPU_BLOCKED_MAX_BYTES
+def cpu_blocked_attention(batch: int, heads: int, seq: int, elem_bytes: int = 4) -> bool:
+    """Whether a CPU training step's causal self-attention of this shape takes the blocked path (float32
+    activations, or float64 at ``elem_bytes=8``)."""
+    return (CPU_BLOCKED_ATTENTION
+            and blocked_attention_bytes(batch, heads, seq, elem_bytes) <= CPU_BLOCKED_MAX_BYTES)
 
 
 def _blocked_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     B, h, S, _ = q.shape
-    return (q.device.type == "cpu" and torch.is_grad_enabled()
+    return (q.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and any(t.requires_grad for t in (q, k, v))
             and all(type(t) is torch.Tensor and t.dtype in (torch.float32, torch.float64) for t in (q, k, v))
-            and cpu_blocked_attention(B, h, S))
+            and k.dtype == q.dtype and v.dtype == q.dtype
+            and cpu_blocked_attention(B, h, S, q.element_size()))
 
 
 class _BlockedCausal(torch.autograd.Function):
     """Causal softmax(q k^T * scale) v as batched GEMMs in two query blocks: block [a, b) scores its queries
     against keys [0, b) only, so 3/4 of the [S, S] scores are computed where a plain math path computes
-    them all, and the first block's masked half is never formed. Computed in float32 at least (a bfloat16
-    input would be upcast: scores, probabilities and accumulation all float32). Keeps each block's
-    probabilities P for backward, where with dO the output's gradient, per block:
+    them all, and the first block's masked half is never formed. Runs in the inputs' dtype (float32 or
+    float64, as ``_blocked_applies`` admits). Keeps each block's probabilities P for backward, where with dO the output's gradient, per block:
         dV += P^T dO,   dS = P * (dO V^T - rowsum(P * dO V^T)),   dQ = scale dS K,   dK += scale dS^T Q
     (the middle one is softmax's backward, one fused kernel)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):  # type: ignore[no-untyped-def,override]
         B, h, S, d = q.shape
-        dt = torch.promote_types(q.dtype, torch.float32)
-        with torch.autocast(device_type="cpu", enabled=False):
-            q3, k3 = q.reshape(B * h, S, d).to(dt), k.reshape(B * h, S, d).to(dt)  # [BH, S, d]
-            v3 = v.reshape(B * h, S, v.shape[-1]).to(dt)  # [BH, S, d_v]
-            bounds = _query_blocks(S)
-            mask = torch.full((S, S), float("-inf"), dtype=dt, device=q.device).triu_(1)  # [S, S]
-            out = q3.new_empty(B * h, S, v.shape[-1])
-            probs = []
-            for a, b in itertools.pairwise(bounds):
-                p = torch.baddbmm(mask[a:b, :b], q3[:, a:b], k3[:, :b].transpose(1, 2), alpha=scale)
-                torch.ops.aten._softmax.out(p, -1, False, out=p)  # [BH, b - a, b], in place
-                torch.bmm(p, v3[:, :b], out=out[:, a:b])
-                probs.append(p)
+        q3, k3 = q.reshape(B * h, S, d), k.reshape(B * h, S, d)  # [BH, S, d]
+        v3 = v.reshape(B * h, S, v.shape[-1])  # [BH, S, d_v]
+        bounds = _query_blocks(S)
+        mask = torch.full((S, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # [S, S]
+        out = q3.new_empty(B * h, S, v.shape[-1])
+        probs = []
+        for a, b in itertools.pairwise(bounds):
+            p = torch.baddbmm(mask[a:b, :b], q3[:, a:b], k3[:, :b].transpose(1, 2), alpha=scale)
+            torch.ops.aten._softmax.out(p, -1, False, out=p)  # [BH, b - a, b], in place
+            torch.bmm(p, v3[:, :b], out=out[:, a:b])
+            probs.append(p)
         ctx.save_for_backward(q3, k3, v3, *probs)
-        ctx.scale, ctx.bounds, ctx.dtypes = scale, bounds, (q.dtype, k.dtype, v.dtype)
-        return out.view(B, h, S, -1).to(v.dtype)
+        ctx.scale, ctx.bounds = scale, bounds
+        return out.view(B, h, S, -1)
 
     @staticmethod
     @once_differentiable
@@ -200,28 +200,25 @@ class _BlockedCausal(torch.autograd.Function):
         bounds, scale = ctx.bounds, ctx.scale
         BH, S, d = q3.shape
         B = dout.shape[0]
-        with torch.autocast(device_type="cpu", enabled=False):
-            do3 = dout.reshape(BH, S, -1).to(q3.dtype)  # [BH, S, d_v]
-            v_t = v3.transpose(1, 2).contiguous()  # [BH, d_v, S]: dO V^T reads it row-major
-            dq = torch.empty_like(q3)
-            dk = dv = None
-            for i in reversed(range(len(probs))):  # the last block sees every key: it sizes dk and dv
-                a, b = bounds[i], bounds[i + 1]
-                p, do_i = probs[i], do3[:, a:b]
-                gv = torch.bmm(p.transpose(1, 2), do_i)  # [BH, b, d_v]
-                ds = torch._softmax_backward_data(torch.bmm(do_i, v_t[:, :, :b]), p, -1, p.dtype)
-                torch.bmm(ds, k3[:, :b], out=dq[:, a:b])
-                gk = torch.bmm(ds.transpose(1, 2), q3[:, a:b])  # [BH, b, d]
-                if dk is None:
-                    dk, dv = gk, gv
-                else:
-                    dk[:, :b] += gk
-                    dv[:, :b] += gv
-            dq.mul_(scale)
-            dk.mul_(scale)
-        tq, tk, tv = ctx.dtypes
-        return (dq.view(B, -1, S, d).to(tq), dk.view(B, -1, S, d).to(tk), dv.view(B, -1, S, dv.shape[-1]).to(tv),
-                None)
+        do3 = dout.reshape(BH, S, -1)  # [BH, S, d_v]
+        v_t = v3.transpose(1, 2).contiguous()  # [BH, d_v, S]: dO V^T reads it row-major
+        dq = torch.empty_like(q3)
+        dk = dv = None
+        for i in reversed(range(len(probs))):  # the last block sees every key: it sizes dk and dv
+            a, b = bounds[i], bounds[i + 1]
+            p, do_i = probs[i], do3[:, a:b]
+            gv = torch.bmm(p.transpose(1, 2), do_i)  # [BH, b, d_v]
+            ds = torch._softmax_backward_data(torch.bmm(do_i, v_t[:, :, :b]), p, -1, p.dtype)
+            torch.bmm(ds, k3[:, :b], out=dq[:, a:b])
+            gk = torch.bmm(ds.transpose(1, 2), q3[:, a:b])  # [BH, b, d]
+            if dk is None:
+                dk, dv = gk, gv
+            else:
+                dk[:, :b] += gk
+                dv[:, :b] += gv
+        dq.mul_(scale)
+        dk.mul_(scale)
+        return dq.view(B, -1, S, d), dk.view(B, -1, S, d), dv.view(B, -1, S, dv.shape[-1]), None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
