@@ -124,10 +124,11 @@ def stdlib_bytes(limit: int = 8 << 20) -> bytes:
 
 
 def run_builtin(precision: str, args: argparse.Namespace, out: Path, perturb: float = 0.0,
-                cfg: ModelConfig | None = None) -> dict[int, float]:
+                cfg: ModelConfig | None = None, perturb_seed: int | None = None) -> dict[int, float]:
     """One training run of ``cfg`` (default: the ``args.preset`` preset with byte tokens); ``perturb`` > 0
     multiplies every initial weight by (1 + perturb * N(0, 1)), the control run that measures how far two runs
-    drift apart from rounding-sized differences alone."""
+    drift apart from rounding-sized differences alone; ``perturb_seed`` (default ``args.seed + 1``) draws that
+    noise."""
     import torch
 
     from frugallm.config import preset
@@ -139,7 +140,7 @@ def run_builtin(precision: str, args: argparse.Namespace, out: Path, perturb: fl
         cfg = preset(args.preset).replace(vocab_size=256)  # byte tokens
     model = build_model(cfg, device=device, seed=args.seed)
     if perturb:
-        noise = torch.Generator(device=device).manual_seed(args.seed + 1)
+        noise = torch.Generator(device=device).manual_seed(args.seed + 1 if perturb_seed is None else perturb_seed)
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1 + perturb * torch.randn(p.shape, generator=noise, device=device))

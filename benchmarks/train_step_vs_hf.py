@@ -12,7 +12,7 @@ steps and the second is timed, so that it follows a step of the same model as in
 the machine's load during the run hits all of them alike. The speed-ups printed are the medians of the
 per-round ratios, with their interquartile range.
 
-Where frugallm's float32 training GEMMs run on oneDNN (``frugallm.model.gemm``: CPUs with AVX-512), a third
+Where frugallm's float32 training GEMMs run on oneDNN (``frugallm.model.gemm``: AMD CPUs with AVX-512), a third
 row runs ours again with every GEMM on MKL, as transformers' are, so the table shows how much of the
 speed-up is the GEMM library and how much the rest of the implementation.
 

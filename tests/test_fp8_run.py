@@ -4,7 +4,7 @@ affords.
 The issue's figure (the `tiny` preset, hundreds of steps, the mean relative loss difference over the last 50
 steps below 0.25%) is benchmarks/fp8_parity.py at batch 32 x 256 over four seeds: about 3.5 hours on 2 CPU
 cores. At the batches a test can afford, two runs drift apart by about 1% from any rounding-sized change, so
-the test here holds FP8 to that drift, measured in the same test by a control run.
+the test here holds FP8 to that drift, measured in the same test on four runs in the peer precision.
 """
 
 from __future__ import annotations
@@ -99,12 +99,25 @@ def test_parity_figures_per_seed_and_on_seed_averaged_curves() -> None:
     assert bench.control_kind(ns(control="threads", loop="builtin", peer="bf16")) == "perturb"
 
 
-def test_fp8_training_tracks_its_peer_within_a_rounding_control_over_200_steps(tmp_path) -> None:
+def test_fp8_training_stays_within_its_peers_rounding_spread_over_200_steps(tmp_path) -> None:
     """200 AdamW steps of a shrunk `tiny` (MLA, MoE with its bias updates, MTP) on real text, through the
-    benchmark's builtin loop: the peer precision, FP8 (emulated), and the peer again from initial weights
-    perturbed by 2^-9. FP8's drift from the peer over the last 50 steps must stay within twice the control's
-    (measured here: FP8 0.91%, control 1.58%, bf16 peer on an AVX-512 EPYC), and both runs must learn. A wrong
-    scale or a dropped gradient in any of the three FP8 GEMMs moves the loss by far more."""
+    benchmark's builtin loop. Four runs in the peer precision, one from the seed's initial weights and three
+    from those weights perturbed by 2^-9 (each with its own noise), show how far rounding-sized changes alone
+    move a run at this scale: the spread is each member's mean relative loss difference, over the last 50
+    steps, from the mean curve of the other three, averaged over the members. FP8 (emulated, from the
+    unperturbed weights) against the same four leave-one-out means must stay within 2.5x that spread, and
+    every run must learn.
+
+    Measured on an Intel Xeon with AMX (bf16 peer): FP8 0.72% against a spread of 0.75% (0.96x) for seed 0
+    (this test). With the emulation's float32 products on oneDNN instead of MKL, which changes only their
+    summation order, FP8 was 1.22% (1.6x) for seed 0 and 1.70% against 0.99% (1.7x) for seed 1. Runs that
+    round differently at every step land above the spread, which comes from one perturbation at the start:
+    fp32 against the same means was 0.71% (0.9x) and 1.47% (1.5x), and e4m3 rounds every GEMM operand to
+    3 mantissa bits. One peer against one control, the test's
+    earlier form, was too noisy a yardstick: FP8 1.84% against a control of 0.57% on that Xeon, 0.91% against
+    1.58% on an AMD EPYC. A wrong scale fails by far (the input gradient doubled: 26%). A dropped gradient
+    is for tests/test_fp8_linear.py's gradient checks: with the routed experts' weight gradient dropped this
+    figure only rose to 1.7%, since the shared experts and the dense layer learn in their place."""
     import argparse
 
     bench = _bench()
@@ -115,16 +128,23 @@ def test_fp8_training_tracks_its_peer_within_a_rounding_control_over_200_steps(t
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(min(2, threads))
-        runs = {name: bench.run_builtin(prec, args, tmp_path / name, perturb=perturb, cfg=cfg)
-                for name, prec, perturb in (("peer", peer, 0.0), ("fp8", "fp8", 0.0), ("control", peer, 2**-9))}
+        members = [bench.run_builtin(peer, args, tmp_path / f"peer{k}", perturb=2**-9 if k else 0.0, cfg=cfg,
+                                     perturb_seed=k) for k in range(4)]
+        fp8 = bench.run_builtin("fp8", args, tmp_path / "fp8", cfg=cfg)
     finally:
         torch.set_num_threads(threads)
-    fp8 = bench.compare(runs["peer"], runs["fp8"], window=50)
-    control = bench.compare(runs["peer"], runs["control"], window=50)
-    print(f"\nlast 50 of 200 steps, against {peer}: fp8 {100 * fp8.mean_rel:.3f}% "
-          f"(difference of the means {100 * fp8.diff_of_means:.3f}%), control {100 * control.mean_rel:.3f}% "
-          f"({100 * control.diff_of_means:.3f}%); loss {runs['peer'][1]:.3f} -> {fp8.peer_mean:.3f} ({peer}), "
-          f"{fp8.other_mean:.3f} (fp8)")
-    assert fp8.other_mean < 0.6 * runs["fp8"][1] and fp8.peer_mean < 0.6 * runs["peer"][1], "both runs learn"
-    assert fp8.mean_rel < 2 * control.mean_rel, "FP8 drifts further from its peer than a rounding-sized change"
-    assert fp8.mean_rel < 0.03
+    first = [m[1] for m in members] + [fp8[1]]
+    spread, drift = [], []
+    for k, member in enumerate(members):
+        others = bench.mean_curve([m for j, m in enumerate(members) if j != k])
+        spread.append(bench.compare(others, member, window=50))
+        drift.append(bench.compare(others, fp8, window=50))
+    spread_pct = 100 * sum(c.mean_rel for c in spread) / len(spread)
+    drift_pct = 100 * sum(c.mean_rel for c in drift) / len(drift)
+    print(f"\nlast 50 of 200 steps, against the leave-one-out means of four {peer} runs: fp8 {drift_pct:.3f}%, "
+          f"the {peer} runs' spread {spread_pct:.3f}% ({drift_pct / spread_pct:.2f}x); last-50 mean loss "
+          f"{drift[0].other_mean:.3f} (fp8), " + ", ".join(f"{c.other_mean:.3f}" for c in spread) + f" ({peer})")
+    last = [c.other_mean for c in spread] + [drift[0].other_mean]
+    assert all(end < 0.6 * start for start, end in zip(first, last, strict=True)), "every run learns"
+    assert drift_pct < 2.5 * spread_pct, "FP8 drifts further from its peers than rounding-sized changes explain"
+    assert drift_pct < 3.0

@@ -80,8 +80,18 @@ def test_backend_choice(backend, monkeypatch) -> None:
     with pytest.raises(DeviceError, match="allowed: auto, mkl, onednn"):
         backend("blas")
     assert backend("mkl") == "mkl"
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    assert backend("auto") == ("onednn" if avx512 else "mkl")
+    assert backend("auto") == ("onednn" if gemm.auto_prefers_onednn(torch.backends.cpu.get_cpu_capability(),
+                                                                     gemm.cpu_vendor()) else "mkl")
+    # MKL runs its generic kernel on AMD's AVX-512 (oneDNN is faster there) and its own on Intel's (module doc)
+    assert gemm.auto_prefers_onednn("AVX512", "AuthenticAMD")
+    assert not gemm.auto_prefers_onednn("AVX512", "GenuineIntel")
+    assert not gemm.auto_prefers_onednn("AVX2", "AuthenticAMD")
+    assert not gemm.auto_prefers_onednn("AVX512", "")  # vendor unknown: torch's default
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert backend("auto") == "onednn"
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")
+    assert backend("auto") == "mkl"
     monkeypatch.setattr(gemm, "_chosen", None)
     monkeypatch.setenv(gemm.CPU_GEMM_ENV, "mkl")
     assert gemm.cpu_gemm() == "mkl"
