@@ -131,6 +131,54 @@ def test_gradcheck_moe_float64() -> None:
     assert torch.autograd.gradcheck(lambda *ps: _moe_with(moe, ps, x.detach()), params, eps=1e-6, atol=1e-5)
 
 
+def test_bucket_rows_bounds_the_padding_and_the_distinct_shapes() -> None:
+    from frugallm.model.moe import bucket_rows
+
+    for m in range(0, 5000):
+        b = bucket_rows(m)
+        assert b >= m and bucket_rows(b) == b
+        assert b - m <= (m / 8 if m >= 64 else 7), m
+    assert len({bucket_rows(m) for m in range(257, 513)}) == 8  # 8 buckets per octave
+    assert len({bucket_rows(m) for m in range(1, 5000)}) < 80
+
+
+def test_cpu_bf16_experts_run_on_bucketed_rows_with_the_unpadded_results(monkeypatch) -> None:
+    """Where the experts' GEMMs run on oneDNN (bf16 on the CPU), each expert's rows are padded to a bucket
+    size; outputs and gradients are those of the unpadded path (checked in float64 with the padding forced,
+    and in bf16 against the padding turned off)."""
+    import frugallm.model.moe as moe_mod
+    from frugallm.model.moe import bucket_rows
+
+    cfg = ModelConfig(**{**SMALL, "n_routed_experts": 4, "n_group": 1, "topk_group": 1})
+    for dtype, forced in ((torch.float64, True), (torch.bfloat16, None)):
+        moe = build_model(cfg, dtype=dtype, seed=1).model.layers[1].mlp
+        x = torch.randn(3, 37, 32, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        results = {}
+        route = _route(moe, x)
+        for pad in (True, False):
+            rows: list[int] = []
+            linear = F.linear
+            with monkeypatch.context() as mp:
+                if forced or not pad:  # bf16 pads by itself (the dispatch under test); float64 is made to
+                    mp.setattr(moe_mod, "_pad_rows", lambda xs, pad=pad: pad)
+                mp.setattr(moe_mod.F, "linear", lambda a, w, *r: rows.append(a.shape[0]) or linear(a, w, *r))
+                xi = x.clone().requires_grad_()
+                out = moe.experts(xi.view(-1, 32), *route)
+                out.backward(torch.ones_like(out))
+            results[pad] = (out.detach(), xi.grad, moe.experts.gate_up_proj.grad.clone(), rows)
+            moe.zero_grad(set_to_none=True)
+        padded, plain = results[True], results[False]
+        assert all(r == bucket_rows(r) for r in padded[3]) and sum(padded[3]) > sum(plain[3])
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+        for a, b in zip(padded[:3], plain[:3], strict=True):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def _route(moe: MoE, x: torch.Tensor):
+    route = moe.gate(x.view(-1, x.shape[-1]).detach())
+    return route.indices, route.gates.detach()
+
+
 def _moe_with(moe: MoE, params, x):
     from torch.func import functional_call
 

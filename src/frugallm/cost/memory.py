@@ -33,6 +33,9 @@ this package's model, each counted once even when two ops save it (checked again
     and top-k (4E + 12k + 8 bytes; plus an fp32 copy of its input, 4H, when activations are not fp32), per
     routed pair the gathered input H, 4*I_m and the expert output H (for the gate weight's gradient) and
     two int64 permutations, k*(2H + 4*I_m)*b + 16k, the k mixing gates, and the shared experts 4*n_s*I_m.
+    Where the experts' bf16 GEMMs run on oneDNN (the CPU, ``padded_expert_rows``), each expert's rows are
+    padded up to a bucket size (``model.moe.bucket_rows``): its input and SwiGLU tensors, (H + 4*I_m)*b per
+    row, for up to 1/8 more rows (the bound from 64 rows per expert on), plus an int64 row map, 8k.
   head: the final norm, and the fused output head's fp32 input gradient, 4H: never the logits
     (``frugallm.model.loss``). Plus the token ids the embedding keeps, 8 bytes.
   MTP module: two norms on H, their concatenation 2H, one block and one head.
@@ -195,7 +198,8 @@ def _attention_activation_bytes(cfg: ModelConfig, b: int, seq_len: int, fused: b
     return out + _input_bytes(nh * d_v, b, fp8)  # o_proj's input
 
 
-def _ffn_activation_bytes(cfg: ModelConfig, moe: bool, b: int, fp8: Fp8Saved = None) -> int | Fraction:
+def _ffn_activation_bytes(cfg: ModelConfig, moe: bool, b: int, fp8: Fp8Saved = None,
+                          padded_rows: bool = False) -> int | Fraction:
     H = cfg.hidden_size
     norm = _norm_bytes(H, b, output_kept=False)
     if not moe:  # SwiGLU: gate and up (or h), silu(gate), and the product down_proj reads
@@ -210,6 +214,8 @@ def _ffn_activation_bytes(cfg: ModelConfig, moe: bool, b: int, fp8: Fp8Saved = N
         norm += (H * b if b == 4 else 0) + (2 * H * fp8 if Is else 0)
     # pairs: gathered input, SwiGLU's h and silu(g), its product, the output; two int64 permutations
     routed = k * (_input_bytes(H, b, fp8) + 3 * Im * b + _input_bytes(Im, b, fp8) + H * b) + 16 * k
+    if padded_rows:  # up to 1/8 more rows of input and SwiGLU tensors, and the row map (module doc)
+        routed += k * Fraction((H + 4 * Im) * b, 8) + 8 * k
     shared = 3 * Is * b + _input_bytes(Is, b, fp8) if Is else 0
     return norm + router + routed + k * b + shared  # k b: mixing gates
 
@@ -223,25 +229,29 @@ def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, *, dtype: object 
                                recompute: bool = False, fused_attention: bool = True, pad_v: bool = False,
                                include_mtp: bool = True, fp8_gemms: bool = False,
                                fp8_saved_activations: bool = False, fp8_tile: int = 128,
-                               blocked_attention: bool = False) -> int:
+                               blocked_attention: bool = False, padded_expert_rows: bool = False) -> int:
     """Activation bytes kept per trained token of a ``seq_len`` sequence (model in the module docstring).
     ``fp8_gemms``: the model converted to FP8 GEMMs (same activations); ``fp8_saved_activations`` (needs
-    ``fp8_gemms``): converted linears keep their inputs as e4m3 in 1 x ``fp8_tile`` tiles, rounded up."""
+    ``fp8_gemms``): converted linears keep their inputs as e4m3 in 1 x ``fp8_tile`` tiles, rounded up.
+    ``padded_expert_rows``: the routed experts pad their rows to bucket sizes (bf16 on the CPU, not with
+    FP8 GEMMs), counted at its 1/8 bound."""
     if fp8_saved_activations and not fp8_gemms:
         raise ConfigError("fp8_saved_activations=True needs fp8_gemms=True: only FP8 linears save e4m3 inputs")
     _check_positive("fp8_tile", fp8_tile)
     b = dtype_bytes(dtype)
     H = cfg.hidden_size
     fp8 = Fraction(fp8_tile + 4, fp8_tile) if fp8_saved_activations else None
+    pad = padded_expert_rows and not fp8_gemms
     blocks = [(_attention_activation_bytes(cfg, b, seq_len, fused_attention, pad_v, fp8, blocked_attention)
-               + _ffn_activation_bytes(cfg, cfg.is_moe_layer(i), b, fp8)) for i in range(cfg.num_hidden_layers)]
+               + _ffn_activation_bytes(cfg, cfg.is_moe_layer(i), b, fp8, pad))
+              for i in range(cfg.num_hidden_layers)]
     heads = 8 + _head_activation_bytes(cfg)  # 8: the token ids the embedding keeps
     if include_mtp:
         for d in range(cfg.num_nextn_predict_layers):
             blocks.append(2 * _norm_bytes(H, b, output_kept=False) + _input_bytes(2 * H, b, fp8)  # eh_proj's
                           + _attention_activation_bytes(cfg, b, seq_len, fused_attention, pad_v, fp8,
                                                         blocked_attention)
-                          + _ffn_activation_bytes(cfg, cfg.is_moe_layer(cfg.num_hidden_layers + d), b, fp8))
+                          + _ffn_activation_bytes(cfg, cfg.is_moe_layer(cfg.num_hidden_layers + d), b, fp8, pad))
             heads += 8 + _head_activation_bytes(cfg)
     if not recompute:
         return math.ceil(sum(blocks) + heads)
@@ -322,13 +332,15 @@ def training_memory(cfg: ModelConfig, batch_tokens: int, *, precision: object = 
                     moments: object = "fp32", recompute: bool = False, grad_dtype: object = "fp32",
                     master_weights: bool | None = None, fused_attention: bool = True, pad_v: bool = False,
                     seq_len: int | None = None, shards: int = 1, fp8_gemms: bool = False,
-                    fp8_saved_activations: bool = False, blocked_attention: bool = False) -> TrainingMemory:
+                    fp8_saved_activations: bool = False, blocked_attention: bool = False,
+                    padded_expert_rows: bool = False) -> TrainingMemory:
     """Memory to train ``cfg`` on ``batch_tokens`` tokens per step (micro-batch x sequence length) with
     working weights and activations in ``precision`` (fp32, bf16, or fp8 with bf16 activations).
     ``master_weights`` defaults to True unless ``precision`` is fp32. ``seq_len`` matters only with
     ``fused_attention=False`` or ``blocked_attention``; it defaults to ``batch_tokens`` (one sequence), the
     worst case. ``blocked_attention``: attention as the CPU's float32 training path for short sequences runs
     it (the module docstring; the Trainer passes ``model.attention.cpu_blocked_attention``).
+    ``padded_expert_rows``: the routed experts pad their rows to bucket sizes, as bf16 on the CPU does.
     ``shards`` divides weights, master copy, gradients and optimizer states (FSDP / ZeRO-3).
     ``fp8_gemms``: this package's FP8 training (``frugallm train --precision fp8``), the model's GEMMs
     converted to FP8 with ``precision`` (fp32 or bf16) its weights and activations: the e4m3 weight copies
@@ -351,7 +363,8 @@ def training_memory(cfg: ModelConfig, batch_tokens: int, *, precision: object = 
                                                      recompute=recompute, fused_attention=fused_attention,
                                                      pad_v=pad_v, fp8_gemms=gemms,
                                                      fp8_saved_activations=fp8_saved_activations,
-                                                     blocked_attention=blocked_attention)
+                                                     blocked_attention=blocked_attention,
+                                                     padded_expert_rows=padded_expert_rows)
     step = step_buffer_bytes(cfg, dtype=act_dtype, fp8_gemms=gemms)
     if prec == "fp8" or (gemms and shards > 1):
         # no e4m3 weight copies kept per step: the weights are e4m3 already, or a sharded run quantizes them

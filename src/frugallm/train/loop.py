@@ -211,6 +211,7 @@ class Trainer:
                               fp8_saved_activations=self.cfg.fp8_saved_activations,
                               recompute=self.cfg.activation_checkpointing,
                               pad_v=CPU_FLASH_PAD_V and cpu, blocked_attention=blocked,
+                              padded_expert_rows=cpu and self.outer_precision == "bf16",
                               shards=self.dist.world_size)
         self.memory_available = available_memory(self.device)
         require_fits(mem, self.memory_available, where=f"this {self.device.type} device")
