@@ -157,11 +157,11 @@ def test_cpu_bf16_experts_run_on_bucketed_rows_with_the_unpadded_results(monkeyp
         route = _route(moe, x)
         for pad in (True, False):
             rows: list[int] = []
-            linear = F.linear
             with monkeypatch.context() as mp:
-                if forced or not pad:  # bf16 pads by itself (the dispatch under test); float64 is made to
+                if forced or not pad:  # bf16 pads by itself (the dispatch under test); float64 is told to
                     mp.setattr(moe_mod, "_pad_rows", lambda xs, pad=pad: pad)
-                mp.setattr(moe_mod.F, "linear", lambda a, w, *r: rows.append(a.shape[0]) or linear(a, w, *r))
+                mp.setattr(moe_mod.F, "linear", lambda a, w, *r, rows=rows, linear=F.linear:
+                           rows.append(a.shape[0]) or linear(a, w, *r))
                 xi = x.clone().requires_grad_()
                 out = moe.experts(xi.view(-1, 32), *route)
                 out.backward(torch.ones_like(out))
