@@ -20,8 +20,9 @@ for every new problem shape, and an expert's row count changes every step: an [m
 GEMM took 1.43 ms at a new m and 0.12 ms at an m seen before, on an AMX Xeon. There each expert's rows are
 padded with zero rows up to one of a few bucket sizes (``bucket_rows``) so that its kernels are reused;
 zero rows add nothing to the outputs of the real rows or to the weight gradients. Results go back to token
-order through the inverse permutation and are mixed by the gates with one batched matmul. Dispatch and combine are gathers in both directions (their backward gathers
-through the inverse permutation), never a scatter-add. Weights are stored stacked,
+order through the inverse permutation and are mixed by the gates with one batched matmul. Dispatch and
+combine are gathers in both directions (their backward gathers through the inverse permutation), never a
+scatter-add. Weights are stored stacked,
 ``gate_up_proj [E, 2*I_m, H]`` and ``down_proj [E, H, I_m]``, which is what expert parallelism shards on dim 0.
 
 Sequence-wise balance loss (eq. 17-20), per sequence of length S:
@@ -110,14 +111,6 @@ def bucket_rows(m: int) -> int:
     return -(-m // step) * step
 
 
-def _offsets(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for m in sizes:
-        out.append(total)
-        total += m
-    return out
-
-
 class _ToPadded(torch.autograd.Function):
     """Rows of x placed at rows ``dest`` of a zero [rows, H]; the gradient gathers them back."""
 
@@ -170,11 +163,11 @@ class GroupedExperts(nn.Module):
         sizes = counts.tolist()
         dest = None
         if _pad_rows(xs):  # row counts from a few buckets, so that oneDNN reuses its kernels (module doc)
-            padded = [bucket_rows(m) for m in sizes]
-            shift = torch.tensor([p - s for p, s in zip(_offsets(padded), _offsets(sizes), strict=True)],
-                                 device=xs.device)
-            dest = torch.arange(xs.shape[0], device=xs.device) + shift.repeat_interleave(counts)  # row -> padded row
-            xs, sizes = _ToPadded.apply(xs, dest, sum(padded)), padded
+            sizes = [bucket_rows(m) for m in sizes]
+            padded = torch.tensor(sizes, device=xs.device)
+            shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # [E] start moves by this
+            dest = torch.arange(xs.shape[0], device=xs.device) + shift.repeat_interleave(counts)  # row -> padded
+            xs = _ToPadded.apply(xs, dest, sum(sizes))
         outs = []
         # unbind, not gate_up[e]: the backward of one unbind is one stack, where E selects would each
         # allocate and add a zero gradient of the whole stacked weight
