@@ -277,6 +277,30 @@ def test_linear_cross_entropy_equals_plain_path(monkeypatch, dtype, tol) -> None
         assert abs(loss_mod.linear_cross_entropy(h, w, labels).item() * 2.5 - plain.item()) < tol * 10
 
 
+def test_linear_cross_entropy_under_bf16_autocast_tracks_the_float32_path(monkeypatch) -> None:
+    """Under bf16 autocast the head's GEMMs run in bf16 through buffers every chunk reuses (logits and dz,
+    the weight gradient before and after widening); several chunks, the last partial: loss and gradients
+    within bf16 rounding of the float32 plain path."""
+    from frugallm.model import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 3 * 50)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 7, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7), generator=g)
+    labels[1, 3] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = loss_mod.linear_cross_entropy(h, w, labels)
+    ours.backward()
+    dh, dw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    plain = torch.nn.functional.cross_entropy((h @ w.T).flatten(0, 1), labels.flatten())
+    plain.backward()
+    assert ours.dtype == torch.float32 and abs(ours.item() - plain.item()) < 0.02 * plain.item()
+    for got, want in ((dh, h.grad), (dw, w.grad)):
+        assert got.dtype == torch.float32 and (got - want).norm() < 0.02 * want.norm()
+
+
 def test_linear_cross_entropy_rows_whose_label_probability_underflows() -> None:
     """The CPU path takes the loss as -log softmax[label]; where that probability is below the smallest
     normal float32 (a loss above 87) the row's log-sum-exp comes from its logits: loss and gradients still
