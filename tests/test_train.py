@@ -178,3 +178,27 @@ def test_a_run_faster_than_the_cached_cpu_peak_measures_the_peak_again(monkeypat
     meter = RateMeter(preset("tiny"), TrainConfig(precision="fp32"), torch.device("cpu"))
     meter.update(tokens=4096, seconds=1.0)
     assert meter.snapshot(1.0)["mfu"] is None  # still beaten after the re-measure: no MFU, not 680%
+
+
+def test_cpu_precision_benchmark_times_both_and_reports_auto(monkeypatch, capsys) -> None:
+    """benchmarks/cpu_precision.py, at a shape that runs in seconds: both precisions timed, the ratio and
+    auto's choice in its RESULT line."""
+    import runpy
+    from pathlib import Path
+
+    from frugallm.train.loop import resolve_precision
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_precision.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--batch", "1", "--seq", "16", "--rounds", "2"])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = {f[0]: float(f[1]) for f in (line.split() for line in out.splitlines())
+            if len(f) == 3 and f[0] in ("fp32", "bf16")}  # precision, s/step, tokens/s
+    assert set(rows) == {"fp32", "bf16"} and all(s > 0 for s in rows.values())
+    result = dict(kv.split("=") for kv in out.strip().splitlines()[-1].split()[1:])
+    assert result["auto"] == resolve_precision("auto", torch.device("cpu"))
+    assert float(result["bf16_speedup"]) > 0 and result["auto_picks_faster"] in ("yes", "no")
