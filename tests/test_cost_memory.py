@@ -23,7 +23,7 @@ from frugallm.cost.params import param_counts
 from frugallm.errors import ConfigError, ResourceError
 from frugallm.model import build_model
 from frugallm.model.attention import cpu_blocked_attention
-from frugallm.model.moe import bucket_rows
+from frugallm.model.moe import bucket_rows, pads_expert_rows
 from frugallm.precision import Fp8Recipe, convert_to_fp8
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
 from shapes import COST_SMALL
@@ -134,7 +134,7 @@ def _predicted(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool |
     return (B * S * activation_bytes_per_token(cfg, S, dtype=name, fused_attention=True, pad_v=True,
                                                fp8_gemms=gemms, fp8_saved_activations=bool(fp8),
                                                blocked_attention=blocked,
-                                               padded_expert_rows=dtype == torch.bfloat16)
+                                               padded_expert_rows=pads_expert_rows("cpu", dtype))
             + step_buffer_bytes(cfg, dtype=name, fp8_gemms=gemms))
 
 

@@ -113,9 +113,8 @@ def test_fp8_training_stays_within_its_peers_rounding_spread_over_200_steps(tmp_
     summation order, FP8 was 1.22% (1.6x) for seed 0 and 1.70% against 0.99% (1.7x) for seed 1. Runs that
     round differently at every step land above the spread, which comes from one perturbation at the start:
     fp32 against the same means was 0.71% (0.9x) and 1.47% (1.5x), and e4m3 rounds every GEMM operand to
-    3 mantissa bits. One peer against one control, the test's
-    earlier form, was too noisy a yardstick: FP8 1.84% against a control of 0.57% on that Xeon, 0.91% against
-    1.58% on an AMD EPYC. A wrong scale fails by far (the input gradient doubled: 26%). A dropped gradient
+    3 mantissa bits. One peer against one control, the test's earlier form, was too noisy a yardstick: FP8
+    1.84% against a control of 0.57% on that Xeon, 0.91% against 1.58% on an AMD EPYC. A wrong scale fails by far (the input gradient doubled: 26%). A dropped gradient
     is for tests/test_fp8_linear.py's gradient checks: with the routed experts' weight gradient dropped this
     figure only rose to 1.7%, since the shared experts and the dense layer learn in their place."""
     import argparse

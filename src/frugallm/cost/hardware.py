@@ -92,14 +92,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "frugallm")
 
 
-def cpu_model() -> str:
+def cpuinfo_field(*names: str) -> str | None:
+    """The value of the first /proc/cpuinfo line whose key starts with one of ``names`` ('model name',
+    'vendor_id', 'flags' on x86, 'Features' on Arm), or None where the file or the key is not there."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(names):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
+    return None
+
+
+def cpu_model() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown-cpu"
 
 
 def _probe(dtype: Any, budget_s: float) -> float:

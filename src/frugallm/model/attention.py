@@ -171,7 +171,8 @@ class _BlockedCausal(torch.autograd.Function):
     """Causal softmax(q k^T * scale) v as batched GEMMs in two query blocks: block [a, b) scores its queries
     against keys [0, b) only, so 3/4 of the [S, S] scores are computed where a plain math path computes
     them all, and the first block's masked half is never formed. Runs in the inputs' dtype (float32 or
-    float64, as ``_blocked_applies`` admits). Keeps each block's probabilities P for backward, where with dO the output's gradient, per block:
+    float64, as ``_blocked_applies`` admits). Keeps each block's probabilities P for backward, where with dO
+    the output's gradient, per block:
         dV += P^T dO,   dS = P * (dO V^T - rowsum(P * dO V^T)),   dQ = scale dS K,   dK += scale dS^T Q
     (the middle one is softmax's backward, one fused kernel)."""
 

@@ -66,14 +66,9 @@ def _resolve(name: str) -> str:
 def cpu_vendor() -> str:
     """The CPU's vendor string as the kernel reports it ('GenuineIntel', 'AuthenticAMD', ...), or '' where
     /proc/cpuinfo does not say (other systems, Arm)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    from frugallm.cost.hardware import cpuinfo_field  # cost.hardware imports this module in its functions
+
+    return cpuinfo_field("vendor_id") or ""
 
 
 def auto_prefers_onednn(capability: str, vendor: str) -> bool:

@@ -98,10 +98,14 @@ def _grouped_mm_usable(x: torch.Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and x.device.type == "cuda"
 
 
+def pads_expert_rows(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the routed experts pad their rows to ``bucket_rows`` sizes: where their GEMMs run on oneDNN,
+    which builds a kernel for every new row count, that is bf16 and fp16 on the CPU (module doc)."""
+    return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
 def _pad_rows(xs: torch.Tensor) -> bool:
-    """Whether the per-expert GEMMs run on oneDNN, which builds a kernel for every new row count: bf16 and
-    fp16 on the CPU (module doc)."""
-    return xs.device.type == "cpu" and xs.dtype in (torch.bfloat16, torch.float16) and xs.shape[0] > 0
+    return pads_expert_rows(xs.device.type, xs.dtype) and xs.shape[0] > 0
 
 
 def bucket_rows(m: int) -> int:

@@ -103,15 +103,10 @@ def cpu_has_native_bf16() -> bool | None:
     """True where the CPU has bf16 matmul instructions (x86 AVX512-BF16 or AMX, Arm BF16), False where it
     has none (bf16 is then emulated, about 10x slower than fp32 on an AVX2 EPYC, measured here), None if
     /proc/cpuinfo is not there to tell."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    return None
+    from frugallm.cost.hardware import cpuinfo_field
+
+    flags = cpuinfo_field("flags", "Features")
+    return None if flags is None else bool(set(flags.split()) & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def available_memory(device: torch.device) -> int:
@@ -199,6 +194,7 @@ class Trainer:
     def _check_memory(self) -> None:
         from frugallm.cost.memory import require_fits, training_memory
         from frugallm.model.attention import CPU_FLASH_PAD_V, cpu_blocked_attention
+        from frugallm.model.moe import pads_expert_rows
 
         micro = self.cfg.batch_size // self.cfg.grad_accum // self.dist.world_size
         cpu = self.device.type == "cpu"
@@ -211,7 +207,8 @@ class Trainer:
                               fp8_saved_activations=self.cfg.fp8_saved_activations,
                               recompute=self.cfg.activation_checkpointing,
                               pad_v=CPU_FLASH_PAD_V and cpu, blocked_attention=blocked,
-                              padded_expert_rows=cpu and self.outer_precision == "bf16",
+                              padded_expert_rows=self.amp_dtype is not None
+                              and pads_expert_rows(self.device.type, self.amp_dtype),
                               shards=self.dist.world_size)
         self.memory_available = available_memory(self.device)
         require_fits(mem, self.memory_available, where=f"this {self.device.type} device")
