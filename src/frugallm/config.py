@@ -171,11 +171,18 @@ class ModelConfig:
             raise ConfigError(f"invalid model config: {e}") from None
 
     # ----- Hugging Face config.json ------------------------------------------------------------
+    def hf_export_problem(self) -> str | None:
+        """Why this configuration has no Hugging Face DeepSeek equivalent, or None when it has one: the one
+        rule for ``to_hf_dict``, the training loop's export and anything else that asks."""
+        if self.attention == "mla" and self.ffn == "moe" and self.scoring_func == "sigmoid":
+            return None
+        return ("only the DeepSeek-V3 architecture (attention='mla', ffn='moe', scoring_func='sigmoid') "
+                "has a Hugging Face equivalent; baselines cannot be exported")
+
     def to_hf_dict(self) -> dict[str, Any]:
         """A ``config.json`` that transformers loads as ``DeepseekV3Config``."""
-        _require(self.attention == "mla" and self.ffn == "moe" and self.scoring_func == "sigmoid",
-                 "only the DeepSeek-V3 architecture (attention='mla', ffn='moe', scoring_func='sigmoid') "
-                 "has a Hugging Face equivalent; baselines cannot be exported")
+        problem = self.hf_export_problem()
+        _require(problem is None, problem or "")
         d = {k: v for k, v in self.to_dict().items() if k not in ("attention", "ffn", "scoring_func")}
         d["num_key_value_heads"] = self.num_attention_heads
         d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_act="silu",

@@ -411,9 +411,8 @@ class Trainer:
 
     def _export(self, model: torch.nn.Module) -> None:
         inner = self.dist.unwrap(model)
-        if self.model_cfg.attention != "mla" or self.model_cfg.ffn != "moe" or \
-                self.model_cfg.scoring_func != "sigmoid":
-            return  # baselines have no Hugging Face DeepSeek-V3 equivalent
+        if self.model_cfg.hf_export_problem() is not None:
+            return  # baselines have no Hugging Face DeepSeek equivalent
         from frugallm.model.hf import save_pretrained
 
         export = inner
