@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,8 @@ import torch.nn.functional as F
 from frugallm.config import PRESETS, ModelConfig, preset
 from frugallm.cost.params import param_counts
 from frugallm.errors import ConfigError
+from frugallm.kernels import KernelPolicy
+from frugallm.kernels.policy import bucket_rows
 from frugallm.model import build_model
 from frugallm.model.attention import GQA, MLA
 from frugallm.model.moe import MoE
@@ -131,47 +135,33 @@ def test_gradcheck_moe_float64() -> None:
     assert torch.autograd.gradcheck(lambda *ps: _moe_with(moe, ps, x.detach()), params, eps=1e-6, atol=1e-5)
 
 
-def test_bucket_rows_bounds_the_padding_and_the_distinct_shapes() -> None:
-    from frugallm.model.moe import bucket_rows
-
-    for m in range(0, 5000):
-        b = bucket_rows(m)
-        assert b >= m and bucket_rows(b) == b
-        assert b - m <= (m / 8 if m >= 64 else 7), m
-    assert len({bucket_rows(m) for m in range(257, 513)}) == 8  # 8 buckets per octave
-    assert len({bucket_rows(m) for m in range(1, 5000)}) < 80
-
-
 def test_cpu_bf16_experts_run_on_bucketed_rows_with_the_unpadded_results(monkeypatch) -> None:
-    """Where the experts' GEMMs run on oneDNN (bf16 on the CPU), each expert's rows are padded to a bucket
-    size; outputs and gradients are those of the unpadded path (checked in float64 with the padding forced,
-    and in bf16 against the padding turned off)."""
+    """Where the experts' GEMMs run on oneDNN (bf16 on the CPU) the policy pads each expert's rows to a bucket
+    size; outputs and gradients are those of the policy without the padding, within bf16 rounding (the
+    float64 exactness of the padding is tests/test_kernels.py's)."""
     import frugallm.model.moe as moe_mod
-    from frugallm.model.moe import bucket_rows
 
     cfg = ModelConfig(**{**SMALL, "n_routed_experts": 4, "n_group": 1, "topk_group": 1})
-    for dtype, forced in ((torch.float64, True), (torch.bfloat16, None)):
-        moe = build_model(cfg, dtype=dtype, seed=1).model.layers[1].mlp
-        x = torch.randn(3, 37, 32, dtype=dtype, generator=torch.Generator().manual_seed(0))
-        results = {}
-        route = _route(moe, x)
-        for pad in (True, False):
-            rows: list[int] = []
-            with monkeypatch.context() as mp:
-                if forced or not pad:  # bf16 pads by itself (the dispatch under test); float64 is told to
-                    mp.setattr(moe_mod, "_pad_rows", lambda xs, pad=pad: pad)
-                mp.setattr(moe_mod.F, "linear", lambda a, w, *r, rows=rows, linear=F.linear:
-                           rows.append(a.shape[0]) or linear(a, w, *r))
-                xi = x.clone().requires_grad_()
-                out = moe.experts(xi.view(-1, 32), *route)
-                out.backward(torch.ones_like(out))
-            results[pad] = (out.detach(), xi.grad, moe.experts.gate_up_proj.grad.clone(), rows)
-            moe.zero_grad(set_to_none=True)
-        padded, plain = results[True], results[False]
-        assert all(r == bucket_rows(r) for r in padded[3]) and sum(padded[3]) > sum(plain[3])
-        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
-        for a, b in zip(padded[:3], plain[:3], strict=True):
-            torch.testing.assert_close(a, b, **tol)
+    moe = build_model(cfg, dtype=torch.bfloat16, seed=1).model.layers[1].mlp
+    assert moe.experts.kernels.expert_row_buckets  # chosen for bf16 on the CPU
+    x = torch.randn(3, 37, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    route = _route(moe, x)
+    results = {}
+    for pad in (True, False):
+        moe.experts.kernels = replace(moe.experts.kernels, expert_row_buckets=pad)
+        rows: list[int] = []
+        with monkeypatch.context() as mp:  # a spy on the experts' GEMMs: the row counts they see
+            mp.setattr(moe_mod.F, "linear", lambda a, w, *r, rows=rows, linear=F.linear:
+                       rows.append(a.shape[0]) or linear(a, w, *r))
+            xi = x.clone().requires_grad_()
+            out = moe.experts(xi.view(-1, 32), *route)
+            out.backward(torch.ones_like(out))
+        results[pad] = (out.detach(), xi.grad, moe.experts.gate_up_proj.grad.clone(), rows)
+        moe.zero_grad(set_to_none=True)
+    padded, plain = results[True], results[False]
+    assert all(r == bucket_rows(r) for r in padded[3]) and sum(padded[3]) > sum(plain[3])
+    for a, b in zip(padded[:3], plain[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 def _route(moe: MoE, x: torch.Tensor):
@@ -199,52 +189,6 @@ def test_gradcheck_attention_float64(attn_cls, changes) -> None:
     assert torch.autograd.gradcheck(lambda t: attn(t, rope), (x,), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("S", [1, 7, 32])
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-def test_blocked_causal_attention_equals_sdpa(S, dtype, tol) -> None:
-    """The CPU's blocked training path: output and the three gradients equal SDPA's causal attention
-    (computed in float64), for an odd length, one token, and v narrower than q and k."""
-    from frugallm.model.attention import _BlockedCausal
-
-    gen = torch.Generator().manual_seed(S)
-    q, k = (torch.randn(2, 3, S, 12, generator=gen, dtype=dtype, requires_grad=True) for _ in range(2))
-    v = torch.randn(2, 3, S, 8, generator=gen, dtype=dtype, requires_grad=True)
-    dout = torch.randn(2, 3, S, 8, generator=gen, dtype=dtype)
-    out = _BlockedCausal.apply(q, k, v, 0.3)
-    out.backward(dout)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*ref_in, is_causal=True, scale=0.3)
-    ref.backward(dout.double())
-    assert out.dtype == dtype
-    for got, want in zip([out, q.grad, k.grad, v.grad], [ref] + [t.grad for t in ref_in], strict=True):
-        assert (got.double() - want).abs().max() <= tol * max(want.abs().max().item(), 1.0)
-
-
-def test_blocked_causal_attention_gradcheck_and_dispatch(monkeypatch) -> None:
-    from frugallm.model import attention
-
-    q, k = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    v = torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: attention._BlockedCausal.apply(*t, 0.5), (q, k, v))
-    calls = []
-    real = attention._BlockedCausal.apply
-    monkeypatch.setattr(attention._BlockedCausal, "apply", lambda *a: calls.append(1) or real(*a))
-    x32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    attention.causal_attention(*x32, 0.5)  # training, float32, small: blocked
-    assert len(calls) == 1
-    with torch.no_grad():  # inference keeps SDPA (nothing to save for a backward)
-        attention.causal_attention(*x32, 0.5)
-    attention.causal_attention(*(t.detach().bfloat16().requires_grad_() for t in (q, k, v)), 0.5)  # bf16: SDPA
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: SDPA, which autocast runs in bf16
-        attention.causal_attention(*x32, 0.5)
-    attention.causal_attention(*x32[:1], x32[1][..., :3, :], x32[2][..., :3, :], 0.5, q_offset=0)  # S != T
-    monkeypatch.setattr(attention, "CPU_BLOCKED_MAX_BYTES", attention.blocked_attention_bytes(1, 2, 5) - 1)
-    attention.causal_attention(*x32, 0.5)  # probabilities over the budget: SDPA
-    assert len(calls) == 1
-    # the probabilities kept: query blocks [0, 2) and [2, 5) attend 2 and 5 keys, per head
-    assert attention.blocked_attention_bytes(1, 2, 5) == 4 * 2 * (2 * 2 + 3 * 5)
-
-
 def test_attention_is_causal() -> None:
     model = build_model(ModelConfig(**SMALL))
     ids = torch.randint(0, 64, (1, 12))
@@ -256,8 +200,9 @@ def test_attention_is_causal() -> None:
     assert not torch.allclose(a[:, 8:], b[:, 8:])
 
 
+@pytest.mark.parametrize("kernels", [KernelPolicy(), KernelPolicy(vocab_block=16)])  # one logits GEMM, or blocks
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_linear_cross_entropy_equals_plain_path(monkeypatch, dtype, tol) -> None:
+def test_linear_cross_entropy_equals_plain_path(monkeypatch, dtype, tol, kernels) -> None:
     from frugallm.model import loss as loss_mod
 
     monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 3 * 50)  # chunks of 3 rows: several, the last partial
@@ -265,7 +210,7 @@ def test_linear_cross_entropy_equals_plain_path(monkeypatch, dtype, tol) -> None
     w = torch.randn(50, 16, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, 50, (2, 7))
     labels[0, 2] = labels[1, 6] = -100  # ignored positions
-    ours = loss_mod.linear_cross_entropy(h, w, labels) * 2.5  # a scaled loss scales both gradients
+    ours = loss_mod.linear_cross_entropy(h, w, labels, kernels=kernels) * 2.5  # scaled: both gradients scale
     ours.backward()
     dh, dw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
@@ -274,7 +219,8 @@ def test_linear_cross_entropy_equals_plain_path(monkeypatch, dtype, tol) -> None
     assert abs(ours.item() - plain.item()) < tol * 10
     assert (dh - h.grad).abs().max() < tol and (dw - w.grad).abs().max() < tol
     with torch.no_grad():  # evaluation: the loss alone
-        assert abs(loss_mod.linear_cross_entropy(h, w, labels).item() * 2.5 - plain.item()) < tol * 10
+        assert abs(loss_mod.linear_cross_entropy(h, w, labels, kernels=kernels).item() * 2.5
+                   - plain.item()) < tol * 10
 
 
 def test_linear_cross_entropy_under_bf16_autocast_tracks_the_float32_path(monkeypatch) -> None:

@@ -30,18 +30,16 @@ RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from frugallm.config import ModelConfig
-from frugallm.model.gemm import Linear
-from frugallm.model.layers import RMSNorm
+from frugallm.kernels import KernelPolicy
+from frugallm.kernels.attention import causal_attention
+from frugallm.model.layers import Linear, RMSNorm
 
 
 # ----- rotary embedding ---------------------------------------------------------------------------------
@@ -123,127 +121,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-# Pad v to the query/key head dim on the CPU so that SDPA takes its flash kernel (see causal_attention). The
-# padding's FLOPs are real work but not model FLOPs: MFU counts the model's, so the cost model leaves them out.
-CPU_FLASH_PAD_V = True
-
-
-# Training on the CPU, a causal self-attention whose probabilities fit in this many bytes runs as batched GEMMs
-# over two query blocks (``_BlockedCausal``) rather than through SDPA's flash kernel. Measured on the tiny
-# preset's shape (16 x 4 heads x 256, d_qk 48, d_v 32), forward + backward on 2 threads: 16-18 ms in float32
-# against 22-26 ms for the flash kernel with v padded, and the tiny training step 1.3-4.8% faster (A/B in
-# one process). bfloat16 (autocast) keeps the flash kernel: upcast to float32, this path made that step no
-# faster. The flash kernel keeps no probabilities, so long sequences (above the budget) and inference keep
-# it too. False: always SDPA.
-CPU_BLOCKED_ATTENTION = True
-CPU_BLOCKED_MAX_BYTES = 64 << 20
-
-
-def _query_blocks(S: int) -> list[int]:
-    """Bounds of the two query blocks: block [a, b) attends keys [0, b)."""
-    return [0, S // 2, S] if S >= 2 else [0, S]
-
-
-def blocked_attention_bytes(batch: int, heads: int, seq: int, elem_bytes: int = 4) -> int:
-    """Bytes of the probabilities ``_BlockedCausal`` keeps for backward: [heads, b - a, b] per sequence and
-    query block [a, b), about 3/8 of the full [S, S] score matrix."""
-    bounds = _query_blocks(seq)
-    return elem_bytes * batch * heads * sum((b - a) * b for a, b in itertools.pairwise(bounds))
-
-
-def cpu_blocked_attention(batch: int, heads: int, seq: int, elem_bytes: int = 4) -> bool:
-    """Whether a CPU training step's causal self-attention of this shape takes the blocked path (float32
-    activations, or float64 at ``elem_bytes=8``)."""
-    return (CPU_BLOCKED_ATTENTION
-            and blocked_attention_bytes(batch, heads, seq, elem_bytes) <= CPU_BLOCKED_MAX_BYTES)
-
-
-def _blocked_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    B, h, S, _ = q.shape
-    return (q.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and any(t.requires_grad for t in (q, k, v))
-            and all(type(t) is torch.Tensor and t.dtype in (torch.float32, torch.float64) for t in (q, k, v))
-            and k.dtype == q.dtype and v.dtype == q.dtype
-            and cpu_blocked_attention(B, h, S, q.element_size()))
-
-
-class _BlockedCausal(torch.autograd.Function):
-    """Causal softmax(q k^T * scale) v as batched GEMMs in two query blocks: block [a, b) scores its queries
-    against keys [0, b) only, so 3/4 of the [S, S] scores are computed where a plain math path computes
-    them all, and the first block's masked half is never formed. Runs in the inputs' dtype (float32 or
-    float64, as ``_blocked_applies`` admits). Keeps each block's probabilities P for backward, where with dO
-    the output's gradient, per block:
-        dV += P^T dO,   dS = P * (dO V^T - rowsum(P * dO V^T)),   dQ = scale dS K,   dK += scale dS^T Q
-    (the middle one is softmax's backward, one fused kernel)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale):  # type: ignore[no-untyped-def,override]
-        B, h, S, d = q.shape
-        q3, k3 = q.reshape(B * h, S, d), k.reshape(B * h, S, d)  # [BH, S, d]
-        v3 = v.reshape(B * h, S, v.shape[-1])  # [BH, S, d_v]
-        bounds = _query_blocks(S)
-        mask = torch.full((S, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # [S, S]
-        out = q3.new_empty(B * h, S, v.shape[-1])
-        probs = []
-        for a, b in itertools.pairwise(bounds):
-            p = torch.baddbmm(mask[a:b, :b], q3[:, a:b], k3[:, :b].transpose(1, 2), alpha=scale)
-            torch.ops.aten._softmax.out(p, -1, False, out=p)  # [BH, b - a, b], in place
-            torch.bmm(p, v3[:, :b], out=out[:, a:b])
-            probs.append(p)
-        ctx.save_for_backward(q3, k3, v3, *probs)
-        ctx.scale, ctx.bounds = scale, bounds
-        return out.view(B, h, S, -1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):  # type: ignore[no-untyped-def,override]
-        q3, k3, v3, *probs = ctx.saved_tensors
-        bounds, scale = ctx.bounds, ctx.scale
-        BH, S, d = q3.shape
-        B = dout.shape[0]
-        do3 = dout.reshape(BH, S, -1)  # [BH, S, d_v]
-        v_t = v3.transpose(1, 2).contiguous()  # [BH, d_v, S]: dO V^T reads it row-major
-        dq = torch.empty_like(q3)
-        dk = dv = None
-        for i in reversed(range(len(probs))):  # the last block sees every key: it sizes dk and dv
-            a, b = bounds[i], bounds[i + 1]
-            p, do_i = probs[i], do3[:, a:b]
-            gv = torch.bmm(p.transpose(1, 2), do_i)  # [BH, b, d_v]
-            ds = torch._softmax_backward_data(torch.bmm(do_i, v_t[:, :, :b]), p, -1, p.dtype)
-            torch.bmm(ds, k3[:, :b], out=dq[:, a:b])
-            gk = torch.bmm(ds.transpose(1, 2), q3[:, a:b])  # [BH, b, d]
-            if dk is None:
-                dk, dv = gk, gv
-            else:
-                dk[:, :b] += gk
-                dv[:, :b] += gv
-        dq.mul_(scale)
-        dk.mul_(scale)
-        return dq.view(B, -1, S, d), dk.view(B, -1, S, d), dv.view(B, -1, S, dv.shape[-1]), None
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     q_offset: int = 0) -> torch.Tensor:
-    """softmax(q k^T * scale) v with causal masking; q: [B, h, S, d], k: [B, h, T, d], v: [B, h, T, d_v].
-    The S queries sit at positions q_offset .. q_offset+S-1 of the T keys."""
-    S, T = q.shape[-2], k.shape[-2]
-    if q_offset == 0 and S == T and _blocked_applies(q, k, v):
-        return _BlockedCausal.apply(q, k, v, scale)
-    if q_offset == 0 and S == T:
-        d_v = v.shape[-1]
-        if CPU_FLASH_PAD_V and q.device.type == "cpu" and d_v < q.shape[-1]:
-            # the CPU flash kernel wants one head dim for q, k and v; without it SDPA falls back to the math
-            # path, which materialises the full [S, T] scores. Zero columns of v cost less (measured: fwd+bwd
-            # of a tiny-shaped layer 49 ms padded against 63-74 ms on the math path)
-            v = F.pad(v, (0, q.shape[-1] - d_v))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :d_v]
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(diagonal=q_offset)  # [S, T]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
 # ----- MLA ------------------------------------------------------------------------------------------------
 class MLA(nn.Module):
+    kernels = KernelPolicy()  # which attention kernel runs (``frugallm.kernels``); build_model sets the model's
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
@@ -297,7 +178,7 @@ class MLA(nn.Module):
         """Rebuild per-head K and V from the latent and attend. Returns [B, S, n_h*d_v]."""
         k, v = self.expand_kv(kv_latent, k_rope)
         q = torch.cat([q_nope, q_rope], dim=-1)  # [B, n_h, S, d_n+d_r]
-        out = causal_attention(q, k, v, self.scale, q_offset)  # [B, n_h, S, d_v]
+        out = causal_attention(q, k, v, self.scale, self.kernels, q_offset)  # [B, n_h, S, d_v]
         return out.transpose(1, 2).flatten(2)  # [B, S, n_h*d_v]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -310,6 +191,8 @@ class MLA(nn.Module):
 class GQA(nn.Module):
     """Multi-head (n_kv = n_h) or grouped-query attention with the same head dims as MLA; RoPE rotates the
     last d_r dims of every query and key head. The KV cache keeps n_kv*(d_n+d_r+d_v) values per token."""
+
+    kernels = KernelPolicy()
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -338,7 +221,8 @@ class GQA(nn.Module):
         rep = self.n_heads // self.n_kv
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, n_h, T, *]
-        return causal_attention(q, k, v, self.scale, q_offset).transpose(1, 2).flatten(2)  # [B, S, n_h*d_v]
+        out = causal_attention(q, k, v, self.scale, self.kernels, q_offset)  # [B, n_h, S, d_v]
+        return out.transpose(1, 2).flatten(2)  # [B, S, n_h*d_v]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.o_proj(self.attend(*self.qkv(x, rope)))

@@ -1,4 +1,5 @@
-"""Small building blocks shared by attention, MoE and the transformer: RMSNorm and the SwiGLU MLP."""
+"""Small building blocks shared by attention, MoE and the transformer: the linear layer, RMSNorm and the
+SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -6,7 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugallm.model.gemm import Linear, linear
+from frugallm.kernels import KernelPolicy
+from frugallm.kernels.gemm import linear
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, names and state_dict) whose GEMMs run on the library its kernel
+    policy chooses (``frugallm.kernels.gemm``); ``build_model`` gives it the model's policy."""
+
+    kernels = KernelPolicy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.kernels)
 
 
 class RMSNorm(nn.Module):
@@ -98,5 +110,5 @@ class MLP(nn.Module):
         if fuse_linears(gate, up):
             # one GEMM over the concatenated weights: its backward is one input-gradient GEMM, not two
             # GEMMs and an add
-            return self.down_proj(swiglu(linear(x, torch.cat([gate.weight, up.weight]))))
+            return self.down_proj(swiglu(linear(x, torch.cat([gate.weight, up.weight]), None, gate.kernels)))
         return self.down_proj(F.silu(gate(x)) * up(x))

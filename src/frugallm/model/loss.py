@@ -16,25 +16,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from frugallm.model import gemm
+from frugallm.kernels import KernelPolicy, gemm
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in float32; 512 rows at V = 8,192): as fast as one chunk here
-# On the CPU the logits GEMM of a chunk runs as GEMMs over vocabulary blocks of this many rows of W, written
-# into one buffer that all chunks share. Measured in the tiny training step on 2 threads (MKL, AVX2): one
-# [512, 256] x [256, 8192] GEMM into a fresh tensor ran at 74 GFLOP/s (fresh pages fault inside the GEMM),
-# 2,048-column blocks into the shared buffer at 106, and the step took 10% less time. None: one GEMM.
-# Where the training GEMMs run on oneDNN (``frugallm.model.gemm``), the logits and dh GEMMs do too, each
-# chunk's logits into a fresh tensor (oneDNN writes no caller's buffer): 120 ms against 137 for the blocked
-# MKL GEMMs into the shared buffer, softmax included, at the tiny shape on the AVX-512 EPYC.
-CPU_VOCAB_BLOCK: int | None = 2048
+# The output head's GEMMs follow the kernel policy (``frugallm.kernels``): on the CPU the logits GEMM of a
+# chunk runs over vocabulary blocks (``vocab_block``) into one buffer that all chunks share, and where the
+# training GEMMs run on oneDNN the logits and dh GEMMs do too, each chunk's logits into a fresh tensor
+# (oneDNN writes no caller's buffer): 120 ms against 137 for the blocked MKL GEMMs into the shared buffer,
+# softmax included, at the tiny shape on the AVX-512 EPYC.
 
 
-def _logits(hc: torch.Tensor, w: torch.Tensor, out: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+def _logits(hc: torch.Tensor, w: torch.Tensor, out: torch.Tensor, low: torch.Tensor | None,
+            block: int | None) -> torch.Tensor:
     """hc [C, H] @ w[V, H]^T written into ``out`` [>=C, V] (a buffer the chunks share, so that its pages
-    are touched once per step rather than once per chunk) -> out[:C]. A low-precision product goes through
-    ``low`` [>=C, V] in hc's dtype, also shared, and is widened into ``out``."""
+    are touched once per step rather than once per chunk) -> out[:C], over vocabulary blocks of ``block``
+    rows of w where given. A low-precision product goes through ``low`` [>=C, V] in hc's dtype, also
+    shared, and is widened into ``out``."""
     z = out[: hc.shape[0]]
-    block = CPU_VOCAB_BLOCK if hc.device.type == "cpu" else None
     V = w.shape[0]
     if hc.dtype != out.dtype:
         return z.copy_(hc @ w.T if low is None else torch.mm(hc, w.T, out=low[: hc.shape[0]]))
@@ -84,7 +82,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
-                ignore_index: int, need_dh: bool, need_dw: bool) -> torch.Tensor:
+                ignore_index: int, need_dh: bool, need_dw: bool, kernels: KernelPolicy) -> torch.Tensor:
         dtype = _compute_dtype(h)
         with torch.autocast(device_type=h.device.type, enabled=False):
             hc_all, w = h.to(dtype), weight.to(dtype)
@@ -96,7 +94,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk = max(1, CHUNK_ELEMENTS // V)
             total = torch.zeros((), dtype=acc, device=h.device)
             grads = need_dh or need_dw
-            onednn = gemm.onednn_applies(hc_all, w, training=grads)
+            block = kernels.vocab_block
+            onednn = gemm.onednn_applies(hc_all, w, kernels, training=grads)
             rows = min(chunk, N)
             z_buf = None if onednn else torch.empty(rows, V, dtype=acc, device=h.device)
             dh = torch.empty(h.shape, dtype=acc, device=h.device) if need_dh else None
@@ -109,7 +108,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dw_wide = torch.empty_like(dw) if dw_low is not None else None
             for s in range(0, N, chunk):
                 hc = hc_all[s : s + chunk]  # [C, H]
-                z = gemm.nt(hc, w, training=True) if onednn else _logits(hc, w, z_buf, low)  # [C, V]
+                if onednn:
+                    z = gemm.nt(hc, w, kernels, training=True)  # [C, V]
+                else:
+                    z = _logits(hc, w, z_buf, low, block)  # [C, V]
                 lab, ok = safe[s : s + chunk], valid[s : s + chunk]
                 weight_row = ok.to(z.dtype)[:, None] / n_valid if grads else None  # [C, 1] 0 on ignored rows
                 total += (_softmax_nll(z, lab, hc, w, weight_row) * ok).sum()  # z: softmax / n_valid
@@ -118,7 +120,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.scatter_add_(1, lab[:, None], -weight_row)  # minus the one-hot label: dz
                 dzc = z if low is None else low[: z.shape[0]].copy_(z)
                 if dh is not None:
-                    dh[s : s + chunk] = gemm.nt(dzc, w.t(), training=True) if onednn else dzc @ w
+                    dh[s : s + chunk] = gemm.nt(dzc, w.t(), kernels, training=True) if onednn else dzc @ w
                 if dw is not None:
                     if dw_low is None:
                         dw.addmm_(dzc.T, hc)
@@ -135,16 +137,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = next(saved) * grad if ctx.has[0] else None
         dw = next(saved) * grad if ctx.has[1] else None
         return (dh.to(ctx.dtypes[0]) if dh is not None else None,
-                dw.to(ctx.dtypes[1]) if dw is not None else None, None, None, None, None)
+                dw.to(ctx.dtypes[1]) if dw is not None else None, None, None, None, None, None)
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = -100) -> torch.Tensor:
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                         kernels: KernelPolicy = KernelPolicy()) -> torch.Tensor:
     """Mean cross-entropy of ``h [..., H] @ weight[V, H]^T`` against ``labels [...]``, without keeping the
-    logits. Falls back to the plain path for tensor subclasses (FSDP's DTensor weights, FP8 wrappers)."""
+    logits, its GEMMs as ``kernels`` chooses. Falls back to the plain path for tensor subclasses (FSDP's
+    DTensor weights, FP8 wrappers)."""
     h2, lab = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
     if type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor:
         return F.cross_entropy(F.linear(h2, weight).float(), lab, ignore_index=ignore_index)
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(h2, weight, lab, ignore_index, grad and h.requires_grad,
-                                     grad and weight.requires_grad)
+                                     grad and weight.requires_grad, kernels)

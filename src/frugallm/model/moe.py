@@ -14,16 +14,13 @@ Routing, for each token:
 The bias never enters gate values, so balancing changes who is chosen but not how outputs mix.
 
 Experts run grouped: the N*k (token, expert) pairs are sorted by expert so that every expert sees one
-contiguous slice, computed with one ``torch._grouped_mm`` (bf16 on CUDA) or one
-matmul per expert. On the CPU, bf16 and fp16 matmuls run on oneDNN, which builds (JIT-compiles) a kernel
-for every new problem shape, and an expert's row count changes every step: an [m, 256] x [256, 384] bf16
-GEMM took 1.43 ms at a new m and 0.12 ms at an m seen before, on an AMX Xeon. There each expert's rows are
-padded with zero rows up to one of a few bucket sizes (``bucket_rows``) so that its kernels are reused;
-zero rows add nothing to the outputs of the real rows or to the weight gradients. Results go back to token
-order through the inverse permutation and are mixed by the gates with one batched matmul. Dispatch and
-combine are gathers in both directions (their backward gathers through the inverse permutation), never a
-scatter-add. Weights are stored stacked,
-``gate_up_proj [E, 2*I_m, H]`` and ``down_proj [E, H, I_m]``, which is what expert parallelism shards on dim 0.
+contiguous slice, computed with one ``torch._grouped_mm`` or one matmul per expert, as the kernel policy
+chooses (``frugallm.kernels.experts``, which on the CPU also pads each expert's rows to a bucket size so
+that oneDNN reuses its bf16 kernels). Results go back to token order through the inverse permutation and
+are mixed by the gates with one batched matmul. Dispatch and combine are gathers in both directions
+(their backward gathers through the inverse permutation), never a scatter-add. Weights are stored
+stacked, ``gate_up_proj [E, 2*I_m, H]`` and ``down_proj [E, H, I_m]``, which is what expert parallelism
+shards on dim 0.
 
 Sequence-wise balance loss (eq. 17-20), per sequence of length S:
     f_i = E / (k*S) * #{t : i in idx_t},   P_i = mean_t s_{t,i} / sum_j s_{t,j},   L = sum_i f_i P_i
@@ -32,6 +29,7 @@ returned unweighted (mean over the sequences); the training loop multiplies it b
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -39,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugallm.config import ModelConfig
+from frugallm.kernels import KernelPolicy
+from frugallm.kernels.experts import from_buckets, grouped_mm_applies, to_buckets
 from frugallm.model.layers import MLP, swiglu
 
 
@@ -92,67 +92,25 @@ class Router(nn.Module):
         return RouterOutput(indices, gates * self.scaling, scores)
 
 
-def _grouped_mm_usable(x: torch.Tensor) -> bool:
-    # CUDA only: torch 2.13's CPU kernel runs forward but its backward fails, and its forward is no faster
-    # than one matmul per expert on the CPU (measured here)
-    return hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and x.device.type == "cuda"
-
-
-def pads_expert_rows(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether the routed experts pad their rows to ``bucket_rows`` sizes: where their GEMMs run on oneDNN,
-    which builds a kernel for every new row count, that is bf16 and fp16 on the CPU (module doc)."""
-    return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-
-
-def _pad_rows(xs: torch.Tensor) -> bool:
-    return pads_expert_rows(xs.device.type, xs.dtype) and xs.shape[0] > 0
-
-
-def bucket_rows(m: int) -> int:
-    """m rounded up to a multiple of an eighth of the power of two at or below m, and of at least 8 rows: 8
-    buckets per octave, at most 1/8 more rows from 64 rows on (about 1/16 on average), at most 7 below."""
-    step = max(8, 1 << max(0, m.bit_length() - 4))
-    return -(-m // step) * step
-
-
-class _ToPadded(torch.autograd.Function):
-    """Rows of x placed at rows ``dest`` of a zero [rows, H]; the gradient gathers them back."""
-
-    @staticmethod
-    def forward(ctx, x, dest, rows):  # type: ignore[no-untyped-def,override]
-        ctx.save_for_backward(dest)
-        return x.new_zeros(rows, x.shape[1]).index_copy_(0, dest, x)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
-        (dest,) = ctx.saved_tensors
-        return g.index_select(0, dest), None, None
-
-
-class _FromPadded(torch.autograd.Function):
-    """Rows ``dest`` of y; the padding rows get a zero gradient."""
-
-    @staticmethod
-    def forward(ctx, y, dest):  # type: ignore[no-untyped-def,override]
-        ctx.save_for_backward(dest)
-        ctx.rows = y.shape[0]
-        return y.index_select(0, dest)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
-        (dest,) = ctx.saved_tensors
-        return g.new_zeros(ctx.rows, g.shape[1]).index_copy_(0, dest, g), None
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights, run on tokens sorted by expert."""
+
+    kernels = KernelPolicy()  # grouped GEMM or row buckets (``frugallm.kernels``); build_model sets the model's
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int):
         super().__init__()
         self.n_experts, self.intermediate = n_experts, intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
-        self.use_grouped_mm = True
+
+    @property
+    def use_grouped_mm(self) -> bool:
+        # precision/fp8_linear.py's from_experts copies this; the policy's field is the one that counts
+        return self.kernels.grouped_mm
+
+    @use_grouped_mm.setter
+    def use_grouped_mm(self, on: bool) -> None:
+        self.kernels = replace(self.kernels, grouped_mm=on)
 
     def run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [M, H] sorted by expert, counts [E]: apply each expert to its contiguous slice -> [M, H]."""
@@ -160,18 +118,11 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(xs.device.type):
             dtype = torch.get_autocast_dtype(xs.device.type)
             xs, gate_up, down = xs.to(dtype), gate_up.to(dtype), down.to(dtype)
-        if self.use_grouped_mm and _grouped_mm_usable(xs) and xs.shape[0] > 0:
+        if grouped_mm_applies(xs, self.kernels):
             offs = counts.cumsum(0).to(torch.int32)  # [E] end offset of each expert's slice
             h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [M, 2*I_m]
             return torch._grouped_mm(swiglu(h), down.transpose(-2, -1), offs=offs)  # [M, H]
-        sizes = counts.tolist()
-        dest = None
-        if _pad_rows(xs):  # row counts from a few buckets, so that oneDNN reuses its kernels (module doc)
-            sizes = [bucket_rows(m) for m in sizes]
-            padded = torch.tensor(sizes, device=xs.device)
-            shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # [E] start moves by this
-            dest = torch.arange(xs.shape[0], device=xs.device) + shift.repeat_interleave(counts)  # row -> padded
-            xs = _ToPadded.apply(xs, dest, sum(sizes))
+        xs, sizes, dest = to_buckets(xs, counts, self.kernels)  # [rows, H], rows >= M where padded
         outs = []
         # unbind, not gate_up[e]: the backward of one unbind is one stack, where E selects would each
         # allocate and add a zero gradient of the whole stacked weight
@@ -180,7 +131,7 @@ class GroupedExperts(nn.Module):
                 continue
             outs.append(F.linear(swiglu(F.linear(chunk, w_gu)), w_d))  # [m_e, 2*I_m] -> [m_e, H]
         ys = torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
-        return ys if dest is None else _FromPadded.apply(ys, dest)
+        return from_buckets(ys, dest)  # [M, H]
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [N, H], indices/gates [N, k] -> sum_j gates[:, j] * expert_{indices[:, j]}(x)  [N, H]."""

@@ -17,8 +17,7 @@ from torch import nn
 
 from frugallm.config import ModelConfig
 from frugallm.model.block import DecoderLayer
-from frugallm.model.gemm import Linear
-from frugallm.model.layers import RMSNorm
+from frugallm.model.layers import Linear, RMSNorm
 from frugallm.model.moe import MoEStats
 
 

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from frugallm.config import ModelConfig
+from frugallm.kernels import KernelPolicy, choose, install
 from frugallm.model.attention import Rotary
 from frugallm.model.block import DecoderLayer
-from frugallm.model.gemm import Linear
-from frugallm.model.layers import RMSNorm
+from frugallm.model.layers import Linear, RMSNorm
 from frugallm.model.loss import linear_cross_entropy
 from frugallm.model.moe import MoE, MoEStats
 from frugallm.model.mtp import MTPModule
@@ -84,7 +84,7 @@ class DeepseekV3LM(nn.Module):
     def head_loss(self, h: torch.Tensor, norm: nn.Module, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """Cross-entropy of the output head on norm(h) [B, S, H] against labels [B, S], without keeping the
         logits (``frugallm.model.loss``)."""
-        return linear_cross_entropy(norm(h), self.lm_head.weight, labels, ignore_index)
+        return linear_cross_entropy(norm(h), self.lm_head.weight, labels, ignore_index, self.lm_head.kernels)
 
     def forward(self, input_ids: torch.Tensor, train: bool = False) -> torch.Tensor | TrainOutput:
         """Main logits [B, S, V]; with ``train=True`` the same as ``forward_train`` (so that wrappers such as
@@ -148,11 +148,15 @@ class DeepseekV3LM(nn.Module):
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                seed: int | None = 0, init: bool = True) -> DeepseekV3LM:
+                seed: int | None = 0, init: bool = True, kernels: KernelPolicy | None = None) -> DeepseekV3LM:
     """Build on the meta device, then allocate once on ``device`` and initialise (unless ``init`` is False,
-    as when a checkpoint is loaded next). ``device="meta"`` gives a model that allocates nothing."""
+    as when a checkpoint is loaded next). ``device="meta"`` gives a model that allocates nothing.
+    ``kernels``: the kernel policy its layers run (``frugallm.kernels``); None chooses the one for
+    ``device`` and ``dtype``. ``model.kernels`` holds it."""
+    kernels = kernels or choose(device, dtype)
     with torch.device("meta"):
         model = DeepseekV3LM(cfg)
+    install(model, kernels)
     if str(device) == "meta":
         return model
     model = model.to_empty(device=device)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from frugallm.errors import DeviceError
-from frugallm.model import gemm
+from frugallm.kernels import KernelPolicy, choose, gemm
 from frugallm.precision.quant import E4M3, Fp8Tensor, dequantize, quantize
 
 log = logging.getLogger("frugallm.precision")
@@ -72,12 +72,16 @@ class Fp8Backend:
 class EmulatedBackend(Fp8Backend):
     name = "emulated"
 
+    def __init__(self, kernels: KernelPolicy | None = None):
+        # the FP32 GEMM's library: the kernel policy's (frugallm.kernels.gemm), else torch's own
+        self.kernels = kernels or KernelPolicy()
+
     def gemm_nt(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
                 fixed_shape: bool = False) -> torch.Tensor:
         _check_k(a, b)
         with torch.autocast(a.data.device.type, enabled=False):  # the product must stay FP32
-            # FP32 GEMM on the CPU's faster library where shapes recur (frugallm.model.gemm)
-            out = gemm.nt(dequantize(a), dequantize(b), training=fixed_shape)  # [M, N]
+            # FP32 GEMM on the CPU's faster library where shapes recur (frugallm.kernels.gemm)
+            out = gemm.nt(dequantize(a), dequantize(b), self.kernels, training=fixed_shape)  # [M, N]
         return out.to(out_dtype)
 
     def grouped_gemm_nt(self, a: Fp8Tensor, b: Fp8Tensor, sizes: list[int],
@@ -225,13 +229,18 @@ def require_hopper(device: torch.device | str | None = None) -> None:
 
 
 @functools.cache
-def _backend_for(name: str, device: torch.device) -> Fp8Backend:
+def _chosen_for(device_type: str) -> KernelPolicy:
+    return choose(device_type)  # the GEMM library does not depend on the precision
+
+
+@functools.cache
+def _backend_for(name: str, device: torch.device, kernels: KernelPolicy) -> Fp8Backend:
     if name == "emulated":
-        backend: Fp8Backend = EmulatedBackend()
+        backend: Fp8Backend = EmulatedBackend(kernels)
     elif name == "hopper":
         backend = HopperBackend(device)
     else:  # auto: the fastest that works here
-        backend = EmulatedBackend()
+        backend = EmulatedBackend(kernels)
         if hopper_unavailable_reason(device) is None:
             try:
                 backend = HopperBackend(device)
@@ -241,9 +250,12 @@ def _backend_for(name: str, device: torch.device) -> Fp8Backend:
     return backend
 
 
-def select_backend(name: str, device: torch.device | str, tile: int = 128, block: int = 128) -> Fp8Backend:
+def select_backend(name: str, device: torch.device | str, tile: int = 128, block: int = 128,
+                   kernels: KernelPolicy | None = None) -> Fp8Backend:
     """The backend ``name`` ('auto' | 'emulated' | 'hopper') for tensors on ``device``, built and logged once.
-    Tiles other than 128 exist only in emulation (ablations); 'auto' then picks 'emulated'."""
+    Tiles other than 128 exist only in emulation (ablations); 'auto' then picks 'emulated'. ``kernels``: the
+    policy whose GEMM library the emulated backend's FP32 GEMMs use, by default the one chosen for
+    ``device``."""
     if name not in BACKENDS:
         raise DeviceError(f"unknown fp8 backend {name!r}; allowed: {', '.join(BACKENDS)}")
     device = torch.device(device)
@@ -253,4 +265,4 @@ def select_backend(name: str, device: torch.device | str, tile: int = 128, block
         if name == "hopper":
             raise DeviceError(f"fp8 backend 'hopper' needs tile = block = {HOPPER_TILE}, got {tile}, {block}")
         name = "emulated"
-    return _backend_for(name, device)
+    return _backend_for(name, device, kernels or _chosen_for(device.type))
