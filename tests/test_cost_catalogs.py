@@ -1,9 +1,8 @@
-"""Hardware catalogue, the CPU probe and its cache, the API price sheet, and a run's cost.json."""
+"""Hardware catalogue, the API price sheet, and a run's cost.json."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,10 @@ import pytest
 from frugallm.config import preset
 from frugallm.cost import hardware
 from frugallm.cost.flops import train_flops_per_token
-from frugallm.cost.hardware import cpu_peak_flops, get_device, load_catalog
+from frugallm.cost.hardware import get_device, load_catalog
 from frugallm.cost.prices import load_prices
 from frugallm.cost.report import read_cost_json, run_cost, write_cost_json
 from frugallm.errors import ConfigError
-from frugallm.model import gemm
 
 REQUIRED = {"h800", "h100-sxm", "h200", "b200", "a100-80gb", "mi300x", "gaudi3"}
 
@@ -52,30 +50,6 @@ def test_user_hardware_file_overrides_and_adds(tmp_path: Path, monkeypatch) -> N
     bad.write_text("[h800]\nbf16_tflops = -1.0\n")
     with pytest.raises(ConfigError, match="bf16_tflops must be a positive number"):
         get_device("h800", bad)
-
-
-def test_cpu_peak_is_probed_once_and_cached(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv(hardware.CACHE_ENV, str(tmp_path))
-    t0 = time.perf_counter()
-    flops = cpu_peak_flops("fp32")
-    assert time.perf_counter() - t0 < 3.0
-    assert flops > 1e8  # any CPU that runs the tests does more than 0.1 GFLOP/s
-    cache = json.loads((tmp_path / "cpu_peak.json").read_text())
-    (key,) = cache
-    assert key.endswith("| fp32") and "threads=" in key and "torch=" in key and "gemm=" in key
-
-    def no_probe(*args, **kwargs):
-        raise AssertionError("probed again")
-
-    monkeypatch.setattr(hardware, "_probe", no_probe)
-    assert cpu_peak_flops("float32") == flops  # the cached figure, same key
-    with pytest.raises(AssertionError, match="probed again"):
-        cpu_peak_flops("bf16")  # another dtype is another measurement
-    monkeypatch.setattr(gemm, "_chosen", "mkl" if gemm.cpu_gemm() == "onednn" else "onednn")
-    with pytest.raises(AssertionError, match="probed again"):
-        cpu_peak_flops("fp32")  # so is another float32 GEMM library
-    with pytest.raises(ConfigError, match="CPU probe"):
-        cpu_peak_flops("fp8")
 
 
 def test_price_sheet(tmp_path: Path, monkeypatch) -> None:

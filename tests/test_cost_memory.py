@@ -4,6 +4,7 @@ parameters, activations against the tensors autograd saves, and the training tot
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -21,9 +22,9 @@ from frugallm.cost.memory import (
 )
 from frugallm.cost.params import param_counts
 from frugallm.errors import ConfigError, ResourceError
+from frugallm.kernels import KernelPolicy, choose
+from frugallm.kernels.policy import bucket_rows
 from frugallm.model import build_model
-from frugallm.model.attention import cpu_blocked_attention
-from frugallm.model.moe import bucket_rows, pads_expert_rows
 from frugallm.precision import Fp8Recipe, convert_to_fp8
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
 from shapes import COST_SMALL
@@ -97,12 +98,12 @@ def test_weight_bytes_by_dtype() -> None:
         weight_bytes(cfg, "int3")
 
 
-def _saved(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | None = None
-           ) -> tuple[int, torch.Tensor | None]:
+def _saved(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | None = None,
+           kernels: KernelPolicy | None = None) -> tuple[int, torch.Tensor | None]:
     """Bytes of the distinct non-parameter storages autograd saves for the backward of forward_train, and
     the tokens each expert of each MoE layer received. ``fp8``: the model converted to FP8 GEMMs (emulated),
-    with its linears' inputs saved in e4m3 when True."""
-    model = build_model(cfg, dtype=dtype)
+    with its linears' inputs saved in e4m3 when True. ``kernels``: default, the CPU's for ``dtype``."""
+    model = build_model(cfg, dtype=dtype, kernels=kernels)
     if fp8 is not None:
         convert_to_fp8(model, Fp8Recipe(backend="emulated", fp8_saved_activations=fp8))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -121,20 +122,20 @@ def _saved(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | Non
     return sum(saved.values()), out.loads
 
 
-def _saved_bytes(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | None = None) -> int:
-    return _saved(cfg, dtype, B, S, fp8)[0]
+def _saved_bytes(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | None = None,
+                 kernels: KernelPolicy | None = None) -> int:
+    return _saved(cfg, dtype, B, S, fp8, kernels)[0]
 
 
-def _predicted(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | None = None) -> int:
-    # d_qk > d_v here, so on the CPU v is padded to d_qk for the flash kernel (model.attention.CPU_FLASH_PAD_V),
-    # unless float32 attention takes the blocked path (model.attention.cpu_blocked_attention)
+def _predicted(cfg: ModelConfig, dtype: torch.dtype, B: int, S: int, fp8: bool | None = None,
+               kernels: KernelPolicy | None = None) -> int:
+    # the policy the model ran says what attention keeps (d_qk > d_v here: v padded for the CPU's flash
+    # kernel, or float32's blocked path) and whether bf16 experts pad their rows
     name = "fp32" if dtype == torch.float32 else "bf16"
     gemms = fp8 is not None
-    blocked = dtype == torch.float32 and cpu_blocked_attention(B, cfg.num_attention_heads, S)
-    return (B * S * activation_bytes_per_token(cfg, S, dtype=name, fused_attention=True, pad_v=True,
-                                               fp8_gemms=gemms, fp8_saved_activations=bool(fp8),
-                                               blocked_attention=blocked,
-                                               padded_expert_rows=pads_expert_rows("cpu", dtype))
+    return (B * S * activation_bytes_per_token(cfg, S, dtype=name, fused_attention=True, fp8_gemms=gemms,
+                                               fp8_saved_activations=bool(fp8),
+                                               kernels=kernels or choose("cpu", dtype), micro_batch=B)
             + step_buffer_bytes(cfg, dtype=name, fp8_gemms=gemms))
 
 
@@ -155,7 +156,8 @@ MOE_MTP, DENSE = dict(num_nextn_predict_layers=1), dict(q_lora_rank=None, ffn="d
 ])
 def test_activations_match_saved_tensors(changes, dtype, fp8, tol) -> None:
     cfg = ModelConfig(**{**SMALL, **changes})
-    assert cpu_blocked_attention(2, cfg.num_attention_heads, 64)  # float32 rows measure the blocked path
+    # float32 rows measure the blocked path
+    assert choose("cpu", "fp32").attention_path(2, cfg.num_attention_heads, 64, 4) == "blocked"
     S = 48 if fp8 is None else 64  # FP8: B*S = 128 tokens, one whole 1 x 128 scale tile per saved input row
     measured = _saved_bytes(cfg, dtype, B=2, S=S, fp8=fp8)
     predicted = _predicted(cfg, dtype, B=2, S=S, fp8=fp8)
@@ -163,12 +165,18 @@ def test_activations_match_saved_tensors(changes, dtype, fp8, tol) -> None:
 
 
 @pytest.mark.parametrize("changes", [MOE_MTP, dict(attention="gqa", num_key_value_heads=1)])
-def test_activations_match_saved_tensors_through_the_flash_kernel(monkeypatch, changes) -> None:
-    """float32 attention with the blocked path off: SDPA's flash kernel, v padded, as bf16 always runs."""
-    monkeypatch.setattr("frugallm.model.attention.CPU_BLOCKED_ATTENTION", False)
+def test_activations_match_saved_tensors_through_the_flash_kernel(changes) -> None:
+    """float32 attention with the blocked path off: SDPA's flash kernel, v padded, as bf16 always runs; and
+    PyTorch's own kernels, v unpadded, which on the CPU is SDPA's math path (the probabilities kept)."""
     cfg = ModelConfig(**{**SMALL, **changes})
-    measured = _saved_bytes(cfg, torch.float32, B=2, S=48)
-    predicted = _predicted(cfg, torch.float32, B=2, S=48)
+    padded = replace(choose("cpu", "fp32"), attention="pad-v")
+    measured = _saved_bytes(cfg, torch.float32, B=2, S=48, kernels=padded)
+    predicted = _predicted(cfg, torch.float32, B=2, S=48, kernels=padded)
+    assert abs(predicted - measured) / measured < 0.03, (predicted, measured)
+    plain = KernelPolicy()
+    measured = _saved_bytes(cfg, torch.float32, B=2, S=48, kernels=plain)
+    predicted = (2 * 48 * activation_bytes_per_token(cfg, 48, dtype="fp32", fused_attention=False, kernels=plain)
+                 + step_buffer_bytes(cfg, dtype="fp32"))
     assert abs(predicted - measured) / measured < 0.03, (predicted, measured)
 
 

@@ -3,17 +3,20 @@ override, and the kernels it dispatches to against PyTorch's reference paths."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from frugallm.errors import ConfigError
-from frugallm.kernels import KernelPolicy, choose, install, override_from_env
+from frugallm.kernels import KernelPolicy, choose, install, override_from_env, probe
 from frugallm.kernels import attention as kattention
 from frugallm.kernels.experts import bucketed, from_buckets, to_buckets
 from frugallm.kernels.policy import KERNELS_ENV, blocked_attention_bytes, bucket_rows
+from frugallm.kernels.probe import cpu_peak_flops
 
 
 def test_choice_by_device_and_precision() -> None:
@@ -148,3 +151,25 @@ def test_padded_v_equals_plain_sdpa() -> None:
         want = kattention.causal_attention(q, k, v, 0.3, KernelPolicy())
     assert got.shape == want.shape == (2, 3, 9, 8)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_peak_is_probed_once_and_cached(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(probe.CACHE_ENV, str(tmp_path))
+    flops = cpu_peak_flops("fp32")
+    assert flops > 1e8  # any CPU that runs the tests does more than 0.1 GFLOP/s
+    cache = json.loads((tmp_path / "cpu_peak.json").read_text())
+    (key,) = cache
+    assert key.endswith("| fp32") and "threads=" in key and "torch=" in key and "gemm=" in key
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(probe, "_probe", no_probe)
+    assert cpu_peak_flops("float32") == flops  # the cached figure, same key
+    with pytest.raises(AssertionError, match="probed again"):
+        cpu_peak_flops("bf16")  # another dtype is another measurement
+    other = "torch" if choose("cpu").gemm == "onednn" else "onednn"
+    with pytest.raises(AssertionError, match="probed again"):
+        cpu_peak_flops("fp32", kernels=KernelPolicy(gemm=other))  # so is another float32 GEMM library
+    with pytest.raises(ConfigError, match="CPU probe"):
+        cpu_peak_flops("fp8")

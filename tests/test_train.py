@@ -160,21 +160,21 @@ def test_cli_errors_are_one_line(tmp_path) -> None:
 def test_a_run_faster_than_the_cached_cpu_peak_measures_the_peak_again(monkeypatch) -> None:
     """A cached CPU probe taken while the machine was busy gave MFU above 100%: the meter re-measures once and
     keeps the better figure, and leaves MFU out if the run still beats it."""
-    from frugallm.cost import hardware
+    from frugallm.kernels import probe
     from frugallm.train.rate import RateMeter
 
     probes = []
 
-    def fake_peak(dtype, refresh=False, budget_s=1.0):
+    def fake_peak(dtype, kernels=None, refresh=False, budget_s=1.0):
         probes.append(refresh)
         return 1e9 if not refresh else 1e15  # the cached figure is far too low; a fresh probe is not
 
-    monkeypatch.setattr(hardware, "cpu_peak_flops", fake_peak)
+    monkeypatch.setattr(probe, "cpu_peak_flops", fake_peak)
     meter = RateMeter(preset("tiny"), TrainConfig(precision="fp32"), torch.device("cpu"))
     meter.update(tokens=4096, seconds=1.0)  # 4096 tokens/s at ~45 MFLOP/token: far above 1 GFLOP/s
     snap = meter.snapshot(1.0)
     assert probes == [False, True] and 0 < snap["mfu"] < 1
-    monkeypatch.setattr(hardware, "cpu_peak_flops", lambda *a, **k: 1e9)
+    monkeypatch.setattr(probe, "cpu_peak_flops", lambda *a, **k: 1e9)
     meter = RateMeter(preset("tiny"), TrainConfig(precision="fp32"), torch.device("cpu"))
     meter.update(tokens=4096, seconds=1.0)
     assert meter.snapshot(1.0)["mfu"] is None  # still beaten after the re-measure: no MFU, not 680%

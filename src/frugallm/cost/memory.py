@@ -22,20 +22,18 @@ this package's model, each counted once even when two ops save it (checked again
   RMSNorm keeps its fp32 normalised value and the per-row 1/rms, 4*W + 4 bytes, plus its output at the
     activation dtype when the next op keeps it (a linear's input). Each block has two on H; MLA adds one
     on r_q (when the query is compressed) and one on r_kv. RoPE keeps only per-position tables.
-  attention: q, k, v and the kernel's output, n_h*(2*d_qk + 2*d_v) elements, the fp32 log-sum-exp (n_h)
-    and o_proj's input (n_h*d_v). On the CPU v is padded to d_qk so that SDPA takes its flash kernel
-    (``pad_v``): v and the output are then n_h*d_qk each. PyTorch's math kernel (``fused_attention=False``)
-    keeps the probabilities in fp32, 4*n_h*S bytes per token, instead of its output and log-sum-exp: this
-    term grows with the sequence. The CPU's float32 training path for short sequences
-    (``blocked_attention``, ``model.attention._BlockedCausal``) keeps q, k, v (unpadded) and each of its
-    two query blocks' probabilities, [b - a, b] per head for block [a, b): about 3*S/4 per token and head.
+  attention: what the kernel policy's attention keeps (``KernelPolicy.attention_saved_bytes``: q, k, v and
+    the flash kernel's output, n_h*(2*d_qk + 2*d_v) elements, and the fp32 log-sum-exp, n_h; v and the
+    output n_h*d_qk each where the CPU pads v; or the blocked path's q, k, v and probabilities, about
+    3*S/4 per token and head), and o_proj's input (n_h*d_v). PyTorch's math kernel
+    (``fused_attention=False``) keeps the probabilities in fp32, 4*n_h*S bytes per token, instead of its
+    output and log-sum-exp: this term grows with the sequence.
   FFN: SwiGLU keeps gate and up, silu(gate) and their product, 4*I. An MoE layer keeps the router's scores
     and top-k (4E + 12k + 8 bytes; plus an fp32 copy of its input, 4H, when activations are not fp32), per
     routed pair the gathered input H, 4*I_m and the expert output H (for the gate weight's gradient) and
     two int64 permutations, k*(2H + 4*I_m)*b + 16k, the k mixing gates, and the shared experts 4*n_s*I_m.
-    Where the experts' bf16 GEMMs run on oneDNN (the CPU, ``padded_expert_rows``), each expert's rows are
-    padded up to a bucket size (``model.moe.bucket_rows``): its input and SwiGLU tensors, (H + 4*I_m)*b per
-    row, for up to 1/8 more rows (the bound from 64 rows per expert on), plus an int64 row map, 8k.
+    Where the policy pads the experts' rows to bucket sizes (bf16 on the CPU), what that adds
+    (``KernelPolicy.expert_padding_bytes``: up to 1/8 more rows of input and SwiGLU tensors, and a row map).
   head: the final norm, and the fused output head's fp32 input gradient, 4H: never the logits
     (``frugallm.model.loss``). Plus the token ids the embedding keeps, 8 bytes.
   MTP module: two norms on H, their concatenation 2H, one block and one head.
@@ -84,6 +82,7 @@ from fractions import Fraction
 from frugallm.config import ModelConfig
 from frugallm.cost.params import param_counts, weight_matrices
 from frugallm.errors import ConfigError, ResourceError
+from frugallm.kernels.policy import KernelPolicy
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 _ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
@@ -177,8 +176,8 @@ def _input_bytes(width: int, b: int, fp8: Fp8Saved, readers: int = 1) -> int | F
     return width * b if fp8 is None else readers * width * fp8
 
 
-def _attention_activation_bytes(cfg: ModelConfig, b: int, seq_len: int, fused: bool, pad_v: bool,
-                                fp8: Fp8Saved = None, blocked: bool = False) -> int | Fraction:
+def _attention_activation_bytes(cfg: ModelConfig, b: int, seq_len: int, fused: bool, kernels: KernelPolicy,
+                                micro_batch: int, fp8: Fp8Saved = None) -> int | Fraction:
     nh, d_qk, d_v = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
     readers = 2 if cfg.attention == "mla" else 3  # q (q_a_proj or q_proj) and kv_a_proj; or q, k, v
     out = _norm_bytes(cfg.hidden_size, b, output_kept=False) + _input_bytes(cfg.hidden_size, b, fp8, readers)
@@ -186,20 +185,16 @@ def _attention_activation_bytes(cfg: ModelConfig, b: int, seq_len: int, fused: b
         out += _norm_bytes(cfg.kv_lora_rank, b, output_kept=False) + _input_bytes(cfg.kv_lora_rank, b, fp8)
         if cfg.q_lora_rank is not None:
             out += _norm_bytes(cfg.q_lora_rank, b, output_kept=False) + _input_bytes(cfg.q_lora_rank, b, fp8)
-    if blocked:  # q, k, v and the probabilities of each query block, at the activation dtype
-        from frugallm.model.attention import blocked_attention_bytes
-
-        out += nh * (2 * d_qk + d_v) * b + Fraction(blocked_attention_bytes(1, nh, seq_len, b), seq_len)
-    elif fused:  # q, k, v and the kernel's output (v and output padded to d_qk when pad_v), log-sum-exp
-        d_vk = max(d_v, d_qk) if pad_v else d_v
-        out += nh * (2 * d_qk + 2 * d_vk) * b + 4 * nh
+    if fused:  # the policy's kernel
+        out += kernels.attention_saved_bytes(batch=micro_batch, heads=nh, seq=seq_len, d_qk=d_qk, d_v=d_v,
+                                             elem_bytes=b)
     else:  # q, k, v and the fp32 probabilities
         out += nh * (2 * d_qk + d_v) * b + 4 * nh * seq_len
     return out + _input_bytes(nh * d_v, b, fp8)  # o_proj's input
 
 
-def _ffn_activation_bytes(cfg: ModelConfig, moe: bool, b: int, fp8: Fp8Saved = None,
-                          padded_rows: bool = False) -> int | Fraction:
+def _ffn_activation_bytes(cfg: ModelConfig, moe: bool, b: int, kernels: KernelPolicy,
+                          fp8: Fp8Saved = None, fp8_gemms: bool = False) -> int | Fraction:
     H = cfg.hidden_size
     norm = _norm_bytes(H, b, output_kept=False)
     if not moe:  # SwiGLU: gate and up (or h), silu(gate), and the product down_proj reads
@@ -214,8 +209,8 @@ def _ffn_activation_bytes(cfg: ModelConfig, moe: bool, b: int, fp8: Fp8Saved = N
         norm += (H * b if b == 4 else 0) + (2 * H * fp8 if Is else 0)
     # pairs: gathered input, SwiGLU's h and silu(g), its product, the output; two int64 permutations
     routed = k * (_input_bytes(H, b, fp8) + 3 * Im * b + _input_bytes(Im, b, fp8) + H * b) + 16 * k
-    if padded_rows:  # up to 1/8 more rows of input and SwiGLU tensors, and the row map (module doc)
-        routed += k * Fraction((H + 4 * Im) * b, 8) + 8 * k
+    if not fp8_gemms:  # FP8 experts do not pad their rows
+        routed += kernels.expert_padding_bytes(hidden=H, intermediate=Im, top_k=k, elem_bytes=b)
     shared = 3 * Is * b + _input_bytes(Is, b, fp8) if Is else 0
     return norm + router + routed + k * b + shared  # k b: mixing gates
 
@@ -226,32 +221,34 @@ def _head_activation_bytes(cfg: ModelConfig) -> int:
 
 
 def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, *, dtype: object = "bf16",
-                               recompute: bool = False, fused_attention: bool = True, pad_v: bool = False,
+                               recompute: bool = False, fused_attention: bool = True,
                                include_mtp: bool = True, fp8_gemms: bool = False,
                                fp8_saved_activations: bool = False, fp8_tile: int = 128,
-                               blocked_attention: bool = False, padded_expert_rows: bool = False) -> int:
-    """Activation bytes kept per trained token of a ``seq_len`` sequence (model in the module docstring).
-    ``fp8_gemms``: the model converted to FP8 GEMMs (same activations); ``fp8_saved_activations`` (needs
-    ``fp8_gemms``): converted linears keep their inputs as e4m3 in 1 x ``fp8_tile`` tiles, rounded up.
-    ``padded_expert_rows``: the routed experts pad their rows to bucket sizes (bf16 on the CPU, not with
-    FP8 GEMMs), counted at its 1/8 bound."""
+                               kernels: KernelPolicy | None = None, micro_batch: int = 1) -> int:
+    """Activation bytes kept per trained token of a ``seq_len`` sequence (model in the module docstring),
+    in a micro-batch of ``micro_batch`` sequences run on ``kernels`` (default: PyTorch's own kernels, as on
+    a GPU). ``fp8_gemms``: the model converted to FP8 GEMMs (same activations); ``fp8_saved_activations``
+    (needs ``fp8_gemms``): converted linears keep their inputs as e4m3 in 1 x ``fp8_tile`` tiles, rounded
+    up."""
     if fp8_saved_activations and not fp8_gemms:
         raise ConfigError("fp8_saved_activations=True needs fp8_gemms=True: only FP8 linears save e4m3 inputs")
     _check_positive("fp8_tile", fp8_tile)
+    _check_positive("micro_batch", micro_batch)
+    kernels = kernels or KernelPolicy()
     b = dtype_bytes(dtype)
     H = cfg.hidden_size
     fp8 = Fraction(fp8_tile + 4, fp8_tile) if fp8_saved_activations else None
-    pad = padded_expert_rows and not fp8_gemms
-    blocks = [(_attention_activation_bytes(cfg, b, seq_len, fused_attention, pad_v, fp8, blocked_attention)
-               + _ffn_activation_bytes(cfg, cfg.is_moe_layer(i), b, fp8, pad))
-              for i in range(cfg.num_hidden_layers)]
+
+    def block(layer: int) -> int | Fraction:
+        return (_attention_activation_bytes(cfg, b, seq_len, fused_attention, kernels, micro_batch, fp8)
+                + _ffn_activation_bytes(cfg, cfg.is_moe_layer(layer), b, kernels, fp8, fp8_gemms))
+
+    blocks = [block(i) for i in range(cfg.num_hidden_layers)]
     heads = 8 + _head_activation_bytes(cfg)  # 8: the token ids the embedding keeps
     if include_mtp:
         for d in range(cfg.num_nextn_predict_layers):
             blocks.append(2 * _norm_bytes(H, b, output_kept=False) + _input_bytes(2 * H, b, fp8)  # eh_proj's
-                          + _attention_activation_bytes(cfg, b, seq_len, fused_attention, pad_v, fp8,
-                                                        blocked_attention)
-                          + _ffn_activation_bytes(cfg, cfg.is_moe_layer(cfg.num_hidden_layers + d), b, fp8, pad))
+                          + block(cfg.num_hidden_layers + d))
             heads += 8 + _head_activation_bytes(cfg)
     if not recompute:
         return math.ceil(sum(blocks) + heads)
@@ -330,17 +327,15 @@ class TrainingMemory:
 
 def training_memory(cfg: ModelConfig, batch_tokens: int, *, precision: object = "bf16",
                     moments: object = "fp32", recompute: bool = False, grad_dtype: object = "fp32",
-                    master_weights: bool | None = None, fused_attention: bool = True, pad_v: bool = False,
+                    master_weights: bool | None = None, fused_attention: bool = True,
                     seq_len: int | None = None, shards: int = 1, fp8_gemms: bool = False,
-                    fp8_saved_activations: bool = False, blocked_attention: bool = False,
-                    padded_expert_rows: bool = False) -> TrainingMemory:
+                    fp8_saved_activations: bool = False, kernels: KernelPolicy | None = None) -> TrainingMemory:
     """Memory to train ``cfg`` on ``batch_tokens`` tokens per step (micro-batch x sequence length) with
     working weights and activations in ``precision`` (fp32, bf16, or fp8 with bf16 activations).
-    ``master_weights`` defaults to True unless ``precision`` is fp32. ``seq_len`` matters only with
-    ``fused_attention=False`` or ``blocked_attention``; it defaults to ``batch_tokens`` (one sequence), the
-    worst case. ``blocked_attention``: attention as the CPU's float32 training path for short sequences runs
-    it (the module docstring; the Trainer passes ``model.attention.cpu_blocked_attention``).
-    ``padded_expert_rows``: the routed experts pad their rows to bucket sizes, as bf16 on the CPU does.
+    ``master_weights`` defaults to True unless ``precision`` is fp32. ``seq_len`` defaults to
+    ``batch_tokens`` (one sequence), the worst case where attention keeps anything per key.
+    ``kernels``: the kernel policy the model runs (``frugallm.kernels.choose``; default PyTorch's own, as
+    on a GPU), which says what attention keeps and whether the experts pad their rows.
     ``shards`` divides weights, master copy, gradients and optimizer states (FSDP / ZeRO-3).
     ``fp8_gemms``: this package's FP8 training (``frugallm train --precision fp8``), the model's GEMMs
     converted to FP8 with ``precision`` (fp32 or bf16) its weights and activations: the e4m3 weight copies
@@ -359,12 +354,11 @@ def training_memory(cfg: ModelConfig, batch_tokens: int, *, precision: object = 
     master = prec != "fp32" if master_weights is None else master_weights
     n = param_counts(cfg).total_with_mtp
     act_dtype = "bf16" if prec == "fp8" else prec
-    acts = batch_tokens * activation_bytes_per_token(cfg, seq_len or batch_tokens, dtype=act_dtype,
-                                                     recompute=recompute, fused_attention=fused_attention,
-                                                     pad_v=pad_v, fp8_gemms=gemms,
+    seq = seq_len or batch_tokens
+    acts = batch_tokens * activation_bytes_per_token(cfg, seq, dtype=act_dtype, recompute=recompute,
+                                                     fused_attention=fused_attention, fp8_gemms=gemms,
                                                      fp8_saved_activations=fp8_saved_activations,
-                                                     blocked_attention=blocked_attention,
-                                                     padded_expert_rows=padded_expert_rows)
+                                                     kernels=kernels, micro_batch=max(1, batch_tokens // seq))
     step = step_buffer_bytes(cfg, dtype=act_dtype, fp8_gemms=gemms)
     if prec == "fp8" or (gemms and shards > 1):
         # no e4m3 weight copies kept per step: the weights are e4m3 already, or a sharded run quantizes them

@@ -2,7 +2,8 @@
 
 FLOPs per trained token come from the cost model (``frugallm.cost.flops.train_flops_per_token``, exact
 matmul shapes, MTP included). The peak is the hardware catalogue's for a GPU, and the CPU's measured
-once by a matmul probe in the dtype the run computes in (bf16 under autocast, else fp32).
+once by a matmul probe (``frugallm.kernels.probe``) in the dtype the run computes in (bf16 under autocast,
+else fp32) on the GEMM library of the run's kernel policy.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import torch
 from frugallm.config import ModelConfig
 from frugallm.cost.flops import train_flops_per_token
 from frugallm.errors import ConfigError
+from frugallm.kernels import KernelPolicy
 from frugallm.train.config import TrainConfig
 
 
-def device_peak_and_price(device: torch.device, precision: str, compute: str
-                          ) -> tuple[str, float | None, float | None]:
+def device_peak_and_price(device: torch.device, precision: str, compute: str,
+                          kernels: KernelPolicy | None = None) -> tuple[str, float | None, float | None]:
     """(device kind, peak FLOP/s per device in the run's compute dtype or None if unknown, $ per hour).
     ``compute`` is the dtype the run computes in outside FP8 GEMMs (fp32 or bf16): on devices without fp8
-    (the CPU) the fp8 GEMMs count at its peak."""
+    (the CPU) the fp8 GEMMs count at its peak, measured on ``kernels``' GEMM library."""
     from frugallm.cost import hardware
+    from frugallm.kernels import probe
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)  # e.g. "NVIDIA H100 80GB HBM3"
@@ -35,18 +38,19 @@ def device_peak_and_price(device: torch.device, precision: str, compute: str
             return spec.name, spec.peak_flops(key), spec.price_per_hour
         return name, None, None  # a GPU the catalogue lacks: no MFU, no default price
     # a CPU has no list price per hour: money is counted only at a --price-per-hour the user gives
-    return "cpu", hardware.cpu_peak_flops(compute), None
+    return "cpu", probe.cpu_peak_flops(compute, kernels=kernels), None
 
 
 class RateMeter:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, world_size: int = 1,
-                 compute: str | None = None):
+                 compute: str | None = None, kernels: KernelPolicy | None = None):
         self.cfg = cfg
         self.compute = compute or ("fp32" if cfg.precision == "fp32" else "bf16")
         self.world_size = world_size
         self.model_cfg = model_cfg
         self.flops_per_token = train_flops_per_token(model_cfg, cfg.seq_len)
-        self.kind, self.peak, default_price = device_peak_and_price(device, cfg.precision, self.compute)
+        self.kernels = kernels
+        self.kind, self.peak, default_price = device_peak_and_price(device, cfg.precision, self.compute, kernels)
         self._peak_checked = False
         self.price = cfg.price_per_hour if cfg.price_per_hour is not None else default_price
         self._window: list[tuple[int, float]] = []  # recent (tokens, seconds) for a smoothed rate
@@ -75,10 +79,11 @@ class RateMeter:
         machine was busy: measure again (once; the run pauses about a second) and keep the better figure.
         If the run still beats it, the MFU is left out rather than reported above 100%."""
         if self.kind == "cpu" and not self._peak_checked:
-            from frugallm.cost import hardware
+            from frugallm.kernels import probe
 
             self._peak_checked = True
-            self.peak = max(self.peak or 0.0, hardware.cpu_peak_flops(self.compute, refresh=True))
+            self.peak = max(self.peak or 0.0, probe.cpu_peak_flops(self.compute, kernels=self.kernels,
+                                                                   refresh=True))
 
     def cost_record(self, tokens: int, elapsed_s: float) -> dict[str, Any]:
         from frugallm.cost.report import run_cost
