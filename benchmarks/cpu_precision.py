@@ -1,5 +1,5 @@
 """The training step in bf16 autocast against the same step in float32, same model and weights, in one process:
-whether ``precision = "auto"`` (``frugallm.train.loop.resolve_precision``) picks the faster one on this machine.
+whether ``precision = "auto"`` (``frugallm.train.device.resolve_precision``) picks the faster one on this machine.
 Prints a table and a final RESULT line.
 
     .venv/bin/python benchmarks/cpu_precision.py [--preset tiny] [--batch 16] [--seq 256] [--rounds 10]
@@ -25,7 +25,7 @@ import torch
 from frugallm.config import preset
 from frugallm.model import build_model
 from frugallm.train.config import TrainConfig
-from frugallm.train.loop import resolve_precision
+from frugallm.train.device import resolve_precision
 from frugallm.train.optim import build_optimizer
 
 

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from frugallm.train.loop import resolve_precision
+    from frugallm.train.device import resolve_precision
 
     outer = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.peer == "auto":

@@ -13,7 +13,8 @@ import torch
 
 from frugallm.config import preset
 from frugallm.train.config import TrainConfig
-from frugallm.train.loop import Trainer, resolve_precision
+from frugallm.train.device import resolve_precision
+from frugallm.train.loop import Trainer
 from shapes import FP8_SHRUNK_TINY
 
 

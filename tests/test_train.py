@@ -186,7 +186,7 @@ def test_cpu_precision_benchmark_times_both_and_reports_auto(monkeypatch, capsys
     import runpy
     from pathlib import Path
 
-    from frugallm.train.loop import resolve_precision
+    from frugallm.train.device import resolve_precision
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_precision.py"
     monkeypatch.setattr("sys.argv", [str(script), "--batch", "1", "--seq", "16", "--rounds", "2"])

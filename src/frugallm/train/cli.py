@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from frugallm.errors import ConfigError
+from frugallm.kernels.policy import KERNELS_ENV
+
+NO_PROGRESS_ENV = "FRUGALLM_NO_PROGRESS"  # read here only: set, no live progress line (tests, logs)
 
 # flags that override TrainConfig fields: (flag, field, type, help)
 _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -114,17 +117,22 @@ def run_train(args: argparse.Namespace) -> int:
         return subprocess.call(_launcher_command(args.nproc, sys.argv[1:]))
     from rich.console import Console
 
+    from frugallm.kernels import override_from_env
     from frugallm.train.distributed import rank_errors
     from frugallm.train.loop import Trainer
 
     with rank_errors():  # under torchrun, each rank's error carries its rank
         model_cfg, train_cfg = _resolve_configs(args)
         run_dir = _run_dir(args)
-        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+        progress = not args.no_progress and os.environ.get(NO_PROGRESS_ENV) is None
+        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=bool(args.resume), progress=progress,
+                          kernel_override=override_from_env())
         console = Console()
         if trainer.dist.is_main:
             console.print(f"run directory: {run_dir}   device: {trainer.device}   precision: "
                           f"{trainer.precision_label}   {trainer.dist.describe()}")
+            console.print("kernels: " + ", ".join(f"{k} {v}" for k, v, _ in trainer.kernels.describe())
+                          + "   (frugallm info --kernels says why)")
             console.print(trainer.memory_summary())
         result = trainer.run()
         trainer.dist.close()  # every rank is done with collectives; rank 0 only prints from here
@@ -209,7 +217,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--fp8-saved-activations", action="store_true",
                    help="with --precision fp8: keep linear inputs for the backward in e4m3 (about 1 byte each)")
-    p.add_argument("--no-progress", action="store_true", help="no live progress line")
+    p.add_argument("--no-progress", action="store_true",
+                   help=f"no live progress line (also with ${NO_PROGRESS_ENV} set); ${KERNELS_ENV} overrides "
+                        "the kernels chosen for the device, e.g. gemm=torch,attention=sdpa")
     for flag, field, _typ, help_ in _TRAIN_FLAGS:
         p.add_argument(flag, dest=field, default=None, help=help_)
     p.set_defaults(func=run_train)
