@@ -1,11 +1,11 @@
-"""float32 GEMMs of a training step on the CPU: oneDNN (``frugallm.model.gemm``) against MKL (torch's
+"""float32 GEMMs of a training step on the CPU: oneDNN (``frugallm.kernels.gemm``) against MKL (torch's
 default), same operands, same process, interleaved rounds. Prints GFLOP/s per shape and GEMM role and a
 final RESULT line with the speed-up of each role summed over the shapes.
 
     .venv/bin/python benchmarks/cpu_gemm.py [--preset tiny] [--tokens 4096] [--rounds 10] [--threads 2]
 
 The shapes are a linear's three GEMMs for the layers whose shapes are fixed for a run (the ones
-``frugallm.model.gemm`` sends to oneDNN: attention projections, dense and shared-expert MLPs, the output
+``frugallm.kernels.gemm`` sends to oneDNN: attention projections, dense and shared-expert MLPs, the output
 head), at ``--tokens`` rows:
     fwd    y  = x W^T     x [M, K], W [N, K]
     dgrad  dx = g W       g [M, N]
@@ -44,7 +44,7 @@ def layer_shapes(cfg) -> list[tuple[str, int, int]]:  # type: ignore[no-untyped-
 def compare(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, rounds: int
             ) -> dict[str, tuple[dict[str, float], float]]:
     """role -> ({library: median seconds}, relative difference of the two results), interleaved rounds."""
-    from frugallm.model.gemm import _onednn_nt as lp
+    from frugallm.kernels.gemm import onednn_nt as lp
 
     pairs = {"fwd": (lambda: x @ w.t(), lambda: lp(x, w)),
              "dgrad": (lambda: g @ w, lambda: lp(g, w.t())),
@@ -72,16 +72,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from frugallm.config import preset
-    from frugallm.model import gemm
+    from frugallm.kernels import choose
+    from frugallm.kernels.host import cpu_facts
 
-    if not gemm.onednn_available():
+    if not cpu_facts().onednn:
         print(f"torch {torch.__version__} has no oneDNN: nothing to compare")
         return
     M = args.tokens
     gen = torch.Generator().manual_seed(0)
     totals = {role: {"mkl": 0.0, "onednn": 0.0} for role in ("fwd", "dgrad", "wgrad")}
     print(f"{args.preset}: M = {M} rows, float32, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, auto picks {gemm._resolve('auto')}")
+          f"{torch.backends.cpu.get_cpu_capability()}, the kernel policy picks {choose('cpu').gemm}")
     print(f"{'layer':<16}{'K':>6}{'N':>7}  " + "".join(f"{role + ' MKL/oneDNN GF/s':>26}" for role in totals)
           + f"{'max rel diff':>14}")
     for name, K, N in layer_shapes(preset(args.preset)):

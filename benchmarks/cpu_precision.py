@@ -10,8 +10,9 @@ Each step is forward_train (main and MTP losses), backward and fused AdamW, as `
 round, the second timed; the ratio printed is the median of the per-round ratios with its interquartile range.
 ``auto`` reads CPU feature flags, not a timing. On a 2-core AMX Xeon (2026-12-01) this script prints bf16 at
 1.63x of float32's speed, and at 0.94x (``auto_picks_faster=no``) with the routed experts' row-count buckets
-(``frugallm.model.moe.bucket_rows``) turned off, as they were before: oneDNN then builds a bf16 kernel for
-most expert GEMMs.
+turned off (``FRUGALLM_KERNELS=expert_row_buckets=off``), as they were before: oneDNN then builds a bf16
+kernel for most expert GEMMs. Each precision runs the kernel policy ``frugallm train`` chooses for it
+(``frugallm.kernels.choose``), with ``$FRUGALLM_KERNELS`` applied to both.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import torch
 
 from frugallm.config import preset
+from frugallm.kernels import choose, install, override_from_env
 from frugallm.model import build_model
 from frugallm.train.config import TrainConfig
 from frugallm.train.device import resolve_precision
@@ -43,11 +45,13 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = preset(args.preset)
     model = build_model(cfg, device=device, dtype=torch.float32, seed=0)
+    kernels = {name: choose(device, name, override_from_env()) for name in ("fp32", "bf16")}
     opt = build_optimizer(model, TrainConfig(lr=1e-4))
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1 + cfg.num_nextn_predict_layers),
                         generator=torch.Generator().manual_seed(0)).to(device)
 
     def step(bf16: bool) -> None:
+        install(model, kernels["bf16" if bf16 else "fp32"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             res = model.forward_train(ids)
         mtp = torch.stack(res.mtp_losses).mean() if res.mtp_losses else res.loss.new_zeros(())

@@ -12,8 +12,8 @@ steps and the second is timed, so that it follows a step of the same model as in
 the machine's load during the run hits all of them alike. The speed-ups printed are the medians of the
 per-round ratios, with their interquartile range.
 
-Where frugallm's float32 training GEMMs run on oneDNN (``frugallm.model.gemm``: AMD CPUs with AVX-512), a third
-row runs ours again with every GEMM on MKL, as transformers' are, so the table shows how much of the
+Where frugallm's float32 training GEMMs run on oneDNN (``frugallm.kernels.gemm``: AMD CPUs with AVX-512), a third
+row runs ours again with every GEMM on MKL (the kernel policy with ``gemm=torch``), as transformers' are, so the table shows how much of the
 speed-up is the GEMM library and how much the rest of the implementation.
 
 The last column counts each step's minor page faults. With glibc's default malloc, memory freed at the end of
@@ -31,11 +31,13 @@ import argparse
 import resource
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from frugallm.config import preset
-from frugallm.model import build_model, gemm
+from frugallm.kernels import choose, install, override_from_env
+from frugallm.model import build_model
 from frugallm.train.config import TrainConfig
 from frugallm.train.optim import build_optimizer
 
@@ -89,14 +91,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     cfg = preset(args.preset).replace(num_nextn_predict_layers=0)  # transformers has no MTP
-    ours = build_model(cfg, device=args.device, dtype=dtype, seed=0)
+    kernels = choose(args.device, dtype, override_from_env())  # as frugallm train chooses them
+    ours = build_model(cfg, device=args.device, dtype=dtype, seed=0, kernels=kernels)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=args.device)
+    default_gemm = "onednn" if kernels.gemm == "onednn" else "mkl"
 
-    default_gemm = gemm.cpu_gemm()
-
-    def make_step(model, loss_fn, opt, cpu_gemm=default_gemm):
+    def make_step(model, loss_fn, opt, kernels=None):
         def step():
-            gemm.set_cpu_gemm(cpu_gemm)
+            if kernels is not None:  # ours: the policy of this row
+                install(model, kernels)
             loss = loss_fn(model)
             loss.backward()
             opt.step()
@@ -105,9 +108,10 @@ def main() -> None:
 
     fused = args.device in ("cpu", "cuda")
     ours_opt = build_optimizer(ours, TrainConfig(lr=1e-4))
-    impls = {"frugallm": make_step(ours, lambda m: m.forward_train(ids).loss, ours_opt)}
-    if args.device == "cpu" and dtype == torch.float32 and default_gemm == "onednn":
-        impls["frugallm (MKL GEMMs)"] = make_step(ours, lambda m: m.forward_train(ids).loss, ours_opt, "mkl")
+    impls = {"frugallm": make_step(ours, lambda m: m.forward_train(ids).loss, ours_opt, kernels)}
+    if args.device == "cpu" and dtype == torch.float32 and kernels.gemm == "onednn":
+        impls["frugallm (MKL GEMMs)"] = make_step(ours, lambda m: m.forward_train(ids).loss, ours_opt,
+                                                  replace(kernels, gemm="torch"))
     for impl in (None, "eager"):
         try:
             theirs = hf_model(cfg, ours, args.device, dtype, impl)

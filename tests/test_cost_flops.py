@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -17,6 +19,7 @@ from frugallm.cost.flops import (
 )
 from frugallm.cost.params import param_counts, weight_matrices
 from frugallm.errors import ConfigError
+from frugallm.kernels import choose
 from frugallm.model import build_model
 from shapes import COST_SMALL
 
@@ -52,7 +55,7 @@ def _onednn_linear(x, w, *args, out_shape=None, **kwargs) -> int:
 
 # The CPU flash kernel computes the full S x S (masked blocks included), like the math kernel. The fused
 # output head accumulates its weight gradient with the in-place addmm_, and on AVX-512 CPUs the training
-# GEMMs run on oneDNN's inner product (frugallm.model.gemm): the counter knows neither.
+# GEMMs run on oneDNN's inner product (frugallm.kernels.gemm): the counter knows neither.
 COUNT_CPU_FLASH = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
@@ -69,13 +72,12 @@ def _counted(fn) -> int:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_flops_match_flop_counter(case: str, monkeypatch) -> None:
+def test_flops_match_flop_counter(case: str) -> None:
     """Forward (``model(ids)``) and forward + backward (``forward_train``) within 2% of PyTorch's counter.
     The MoE routes data-dependently, but every token reaches exactly k experts, so the count is exact.
-    The zero columns that pad v for the CPU flash kernel are not model FLOPs: counted without them."""
-    monkeypatch.setattr("frugallm.model.attention.CPU_FLASH_PAD_V", False)
+    The zero columns that pad v for the CPU flash kernel are not model FLOPs: counted with SDPA as it is."""
     cfg = ModelConfig(**{**SMALL, **CASES[case]})
-    model = build_model(cfg)
+    model = build_model(cfg, kernels=replace(choose("cpu", "fp32"), attention="sdpa"))
     tokens = torch.randint(0, cfg.vocab_size, (B, S + 1 + cfg.num_nextn_predict_layers))
     with torch.no_grad():
         measured = _counted(lambda: model(tokens[:, :S]))

@@ -47,6 +47,20 @@ def test_the_one_override() -> None:
     assert override_from_env({KERNELS_ENV: ""}) is None and override_from_env({}) is None
 
 
+def test_info_prints_the_policy_and_why(monkeypatch, capsys) -> None:
+    from frugallm.cli import main
+
+    assert main(["info", "--kernels", "--device", "cpu", "--precision", "bf16", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["attention"] == "pad-v" and shown["expert_row_buckets"] is True and shown["why"]["gemm"]
+    monkeypatch.setenv(KERNELS_ENV, "expert_row_buckets=off")  # the override, read at the entry point
+    assert main(["info", "--kernels", "--device", "cpu", "--precision", "bf16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["expert_row_buckets"] is False
+    monkeypatch.setenv(KERNELS_ENV, "gemm=blas")
+    assert main(["info", "--kernels"]) == 2
+    assert capsys.readouterr().err.startswith(f"frugallm: error: {KERNELS_ENV}='gemm=blas': ")
+
+
 def test_install_reaches_every_layer_that_runs_a_kernel() -> None:
     from frugallm.config import preset
     from frugallm.model import build_model

@@ -99,8 +99,8 @@ def test_linear_module_is_an_nn_linear() -> None:
 
 def test_output_head_on_onednn_matches_mkl(monkeypatch) -> None:
     calls = []
-    onednn_nt = gemm._onednn_nt
-    monkeypatch.setattr(gemm, "_onednn_nt", lambda a, b: calls.append(a.shape) or onednn_nt(a, b))
+    onednn_nt = gemm.onednn_nt
+    monkeypatch.setattr(gemm, "onednn_nt", lambda a, b: calls.append(a.shape) or onednn_nt(a, b))
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(300, 32, generator=gen)
     w = torch.randn(1000, 32, generator=gen) * 0.3

@@ -1,4 +1,5 @@
-"""``frugallm info``: a configuration's shape and parameter counts, computed without allocating weights."""
+"""``frugallm info``: a configuration's shape and parameter counts, computed without allocating weights, and
+(``--kernels``) the kernel policy a run would use on this host."""
 
 from __future__ import annotations
 
@@ -25,8 +26,33 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
+def show_kernels(args: argparse.Namespace, console: Console) -> int:
+    """The kernel policy for --device (default: what ``frugallm train`` picks here) at --precision (default:
+    what ``auto`` resolves to there), with ``$FRUGALLM_KERNELS`` applied, and why each choice."""
+    import torch
+
+    from frugallm.kernels import choose, override_from_env
+    from frugallm.train.device import pick_device, resolve_precision
+
+    device = torch.device(args.device) if args.device else pick_device("auto")
+    precision = args.precision or resolve_precision("auto", device)
+    kernels = choose(device, precision, override_from_env())
+    if args.json:
+        print(json.dumps({**kernels.as_dict(), "why": dict(kernels.reasons)}, indent=2))
+        return 0
+    table = Table(title=f"kernels for {kernels.device}, {kernels.precision}")
+    for col in ("kernel", "choice", "why"):
+        table.add_column(col)
+    for name, value, why in kernels.describe():
+        table.add_row(name, value, why)
+    console.print(table)
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     console = Console()
+    if args.kernels:
+        return show_kernels(args, console)
     if args.list:
         table = Table(title="presets")
         for col in ("name", "total", "active", "source"):
@@ -62,4 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="a frugallm TOML, a Hugging Face config.json, or a directory")
     p.add_argument("--list", action="store_true", help="list the presets")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--kernels", action="store_true",
+                   help="the kernel policy a run uses (attention path, GEMM library, expert padding, head "
+                        "blocks) and why; $FRUGALLM_KERNELS=key=value,... overrides it")
+    p.add_argument("--device", default=None, help="with --kernels: cpu or cuda (default: this host's)")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp8"),
+                   help="with --kernels: the run's precision (default: what auto picks on the device)")
     p.set_defaults(func=run_info)

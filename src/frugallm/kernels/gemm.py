@@ -64,7 +64,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
 
 
-def _onednn_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def onednn_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] @ b[N, K]^T on oneDNN's inner product (either may be a transposed view)."""
     return torch.ops.mkldnn._linear_pointwise(_dense(a), _dense(b), None, "none", [], "")
 
@@ -72,7 +72,7 @@ def _onednn_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def nt(a: torch.Tensor, b: torch.Tensor, kernels: KernelPolicy, training: bool | None = None) -> torch.Tensor:
     """a [M, K] @ b[N, K]^T -> [M, N], no autograd: on oneDNN where ``linear`` would use it, else torch's."""
     if onednn_applies(a, b, kernels, training):
-        return _onednn_nt(a, b)
+        return onednn_nt(a, b)
     return a @ b.transpose(-2, -1)
 
 
@@ -85,14 +85,14 @@ class _OneDnnLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         ctx.save_for_backward(x2, weight)
         ctx.lead = x.shape[:-1]
-        return _onednn_nt(x2, weight).view(*x.shape[:-1], weight.shape[0])  # [*, N]
+        return onednn_nt(x2, weight).view(*x.shape[:-1], weight.shape[0])  # [*, N]
 
     @staticmethod
     @once_differentiable  # oneDNN's op has no derivative: a double backward is an error, not a silent zero
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
         x2, weight = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])  # [M, N]
-        dx = _onednn_nt(g2, weight.t()).view(*ctx.lead, weight.shape[1]) if ctx.needs_input_grad[0] else None
+        dx = onednn_nt(g2, weight.t()).view(*ctx.lead, weight.shape[1]) if ctx.needs_input_grad[0] else None
         dw = g2.t() @ x2 if ctx.needs_input_grad[1] else None  # [N, K] on MKL (module doc)
         return dx, dw
 

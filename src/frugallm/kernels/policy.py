@@ -224,6 +224,10 @@ def choose(device: object = "cpu", precision: object = "fp32", override: str | N
         import torch
 
         grouped = hasattr(torch, "_grouped_mm")
+        why["attention"] = "SDPA picks its flash or memory-efficient kernel, which keep no probabilities"
+        why["gemm"] = "cuBLAS"
+        why["expert_row_buckets"] = "cuBLAS needs no kernel per row count"
+        why["vocab_block"] = "one logits GEMM per chunk"
         why["grouped_mm"] = ("bf16 experts in one grouped GEMM" if grouped
                              else f"torch {torch.__version__} has no _grouped_mm")
         policy = KernelPolicy(grouped_mm=grouped, device=kind, precision=prec, reasons=tuple(why.items()))
@@ -259,7 +263,10 @@ def apply_override(policy: KernelPolicy, override: str) -> KernelPolicy:
                                   f"{' or none' if key == 'vocab_block' else ''}, got {value!r}")
         else:
             changes[key] = value
-    new = replace(policy, **changes)
+    try:
+        new = replace(policy, **changes)
+    except ConfigError as e:
+        raise ConfigError(f"{KERNELS_ENV}={override!r}: {e}") from None
     if new.gemm == "onednn":
         from frugallm.kernels.host import cpu_facts
 
