@@ -47,6 +47,17 @@ def test_the_one_override() -> None:
     assert override_from_env({KERNELS_ENV: ""}) is None and override_from_env({}) is None
 
 
+def test_the_policy_and_the_memory_model_import_no_torch() -> None:
+    """cost/ reads the policy's formulas; neither may pull torch (or model code) in."""
+    import subprocess
+    import sys
+
+    code = ("import sys, frugallm.kernels.policy, frugallm.cost.memory, frugallm.cost.estimate; "
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('frugallm.model', "
+            "'frugallm.train'))); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_info_prints_the_policy_and_why(monkeypatch, capsys) -> None:
     from frugallm.cli import main
 
