@@ -309,7 +309,6 @@ HF_NEUTRAL_FIELDS: dict[str, str] = {
     "ep_size": "the expert-parallel degree of DeepSeek's run",
     "seq_aux": "the balance loss of DeepSeek's training code; frugallm's training config sets its own",
     "aux_loss_alpha": "the balance loss of DeepSeek's training code; frugallm's training config sets its own",
-    "initializer_range": "initialisation only (kept for training from scratch)",
     **{name: "a generation default, not the model's computation" for name in (
         "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
         "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
@@ -505,10 +504,57 @@ def _deepseek_v2_lite() -> ModelConfig:
         num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
         qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
         num_experts_per_tok=6, moe_intermediate_size=1408, n_group=1, topk_group=1,
-        routed_scaling_factor=1.0, norm_topk_prob=False, scoring_func="softmax", first_k_dense_replace=1,
+        routed_scaling_factor=1.0, norm_topk_prob=False, scoring_func="softmax", topk_method="greedy",
+        first_k_dense_replace=1,
         num_nextn_predict_layers=0, max_position_embeddings=163840, rope_theta=10000.0,
         rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        rms_norm_eps=1e-6, initializer_range=0.02,
+    )
+
+
+def _deepseek_v2() -> ModelConfig:
+    """The published 236B DeepSeek-V2 configuration (softmax gating, group-limited greedy routing)."""
+    return ModelConfig(
+        vocab_size=102400, hidden_size=5120, num_hidden_layers=60, intermediate_size=12288,
+        num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160, n_shared_experts=2,
+        num_experts_per_tok=6, moe_intermediate_size=1536, n_group=8, topk_group=3,
+        routed_scaling_factor=16.0, norm_topk_prob=False, scoring_func="softmax",
+        topk_method="group_limited_greedy", first_k_dense_replace=1, num_nextn_predict_layers=0,
+        max_position_embeddings=163840, rope_theta=10000.0,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        rms_norm_eps=1e-6, initializer_range=0.02,
+    )
+
+
+def _moonlight() -> ModelConfig:
+    """Moonshot AI's Moonlight-16B-A3B: DeepSeek-V3's architecture (model_type deepseek_v3) with 64 routed
+    experts in one group, no query compression and no MTP."""
+    return ModelConfig(
+        vocab_size=163840, hidden_size=2048, num_hidden_layers=27, intermediate_size=11264,
+        num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+        num_experts_per_tok=6, moe_intermediate_size=1408, n_group=1, topk_group=1,
+        routed_scaling_factor=2.446, norm_topk_prob=True, first_k_dense_replace=1,
+        num_nextn_predict_layers=0, max_position_embeddings=8192, rope_theta=50000.0, rope_scaling=None,
+        rms_norm_eps=1e-5, initializer_range=0.02,
+    )
+
+
+def _kimi_k2() -> ModelConfig:
+    """Moonshot AI's Kimi-K2 (1T total, 32B active): DeepSeek-V3's architecture with 384 routed experts in
+    one group, 64 heads and no MTP."""
+    return ModelConfig(
+        vocab_size=163840, hidden_size=7168, num_hidden_layers=61, intermediate_size=18432,
+        num_attention_heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=384, n_shared_experts=1,
+        num_experts_per_tok=8, moe_intermediate_size=2048, n_group=1, topk_group=1,
+        routed_scaling_factor=2.827, norm_topk_prob=True, first_k_dense_replace=1,
+        num_nextn_predict_layers=0, max_position_embeddings=131072, rope_theta=50000.0,
+        rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
         rms_norm_eps=1e-6, initializer_range=0.02,
     )
 
@@ -537,14 +583,20 @@ def _tiny_dense() -> ModelConfig:
 
 PRESETS = {
     "deepseek-v3": _deepseek_v3,
+    "deepseek-v2": _deepseek_v2,
     "deepseek-v2-lite": _deepseek_v2_lite,
+    "moonlight-16b-a3b": _moonlight,
+    "kimi-k2": _kimi_k2,
     "tiny": _tiny,
     "tiny-dense": _tiny_dense,
 }
 
 PRESET_SOURCES = {
     "deepseek-v3": "deepseek-ai/DeepSeek-V3 config.json (arXiv 2412.19437)",
+    "deepseek-v2": "deepseek-ai/DeepSeek-V2 config.json (arXiv 2405.04434)",
     "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite config.json (arXiv 2405.04434)",
+    "moonlight-16b-a3b": "moonshotai/Moonlight-16B-A3B config.json (arXiv 2502.16982)",
+    "kimi-k2": "moonshotai/Kimi-K2-Instruct config.json (model_type kimi_k2, DeepseekV3 architecture)",
     "tiny": "frugallm: the CPU default, DeepSeek-V3-shaped",
     "tiny-dense": "frugallm: dense MHA baseline with tiny's active parameters",
 }
