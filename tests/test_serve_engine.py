@@ -66,9 +66,19 @@ def mtp_model():
 
 
 # ----- the latent cache and the absorbed decode ------------------------------------------------------------
+VARIANTS = {
+    "v3": {},
+    # the other RoPE layout and V2's softmax routing serve through the same cache and absorbed decode
+    "halves-rope": {"rope_interleave": False},
+    "v2-group-limited": {"scoring_func": "softmax", "topk_method": "group_limited_greedy", "norm_topk_prob": False,
+                         "n_group": 2, "topk_group": 1},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("mode", ["absorbed", "expanded"])
-def test_cached_decode_matches_full_forward_every_step(mode: str) -> None:
-    model = tiny()
+def test_cached_decode_matches_full_forward_every_step(mode: str, variant: str) -> None:
+    model = tiny(**VARIANTS[variant])
     ids = prompt(20)
     ref_tokens, ref_logits = reference_greedy(model, ids, 64)
     eng = engine(model, decode_attention=mode, record_logits=True)
