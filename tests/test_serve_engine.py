@@ -10,6 +10,7 @@ from frugallm.config import ModelConfig, preset
 from frugallm.model import build_model
 from frugallm.serve.cache import BlockPool, CacheLayout, cache_bytes_per_token, chain_hash
 from frugallm.serve.engine import Engine, EngineConfig
+from frugallm.serve.runner import Row
 from frugallm.serve.sampling import QueueFullError, RequestError, SamplingParams
 from shapes import SERVE_TINY
 
@@ -151,6 +152,23 @@ def test_speculative_greedy_equals_plain_greedy(mtp_model) -> None:
     assert sum(s.usage.accepted_draft_tokens for s in spec) == stats["accepted_draft_tokens"]
     # fewer forward passes than tokens: that is the point
     assert stats["steps"] < sum(len(s.token_ids) for s in spec)
+
+
+@torch.no_grad()
+def test_runner_mtp_equals_the_modules_own_forward(mtp_model) -> None:
+    """The runner's MTP block over the cache (a prefill, then one position at a time) against
+    ``MTPModule.forward`` over the whole sequence, as training runs it."""
+    model, cycle = mtp_model
+    ids = torch.tensor([cycle[:12]])  # [1, 12]
+    S = 11
+    h, _ = model.hidden(ids[:, :S])  # [1, S, H]
+    ref, _ = model.model.mtp[0](h, model.model.embed_tokens(ids[:, 1 : S + 1]), model.rope(S))  # [1, S, H]
+    eng = engine(model, speculative=True)
+    table = [eng.pool.allocate(reserved=False) for _ in range(2)]  # 16 slots: the MTP rows sit one slot later
+    got = [eng.runner.mtp(h[:, :6], ids[:, 1:7], [Row(table, 0, 6, 0)], prefill=True)]
+    for p in range(6, S):
+        got.append(eng.runner.mtp(h[:, p : p + 1], ids[:, p + 1 : p + 2], [Row(table, p, 1, p)], prefill=False))
+    assert (torch.cat(got, dim=1) - ref).abs().max().item() <= 1e-5
 
 
 def test_speculative_untrained_drafts_still_exact() -> None:
