@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from frugallm.config import ModelConfig, preset
+from frugallm.cost.memory import kv_cache_bytes
 from frugallm.model import build_model
 from frugallm.serve.cache import BlockPool, CacheLayout, cache_bytes_per_token, chain_hash
 from frugallm.serve.engine import Engine, EngineConfig
@@ -123,6 +124,21 @@ def test_cache_size_equals_the_cost_model(name: str, dtype: torch.dtype) -> None
     memory = pytest.importorskip("frugallm.cost.memory")
     cfg = preset(name)
     assert cache_bytes_per_token(cfg, dtype) == memory.kv_cache_bytes_per_token(cfg, dtype)
+
+
+def test_pool_allocates_what_the_cost_formula_says(mtp_model) -> None:
+    """The pool's bytes per slot, with and without the MTP block's layer, are ``cost.memory.kv_cache_bytes``
+    (the one formula), as is the published DeepSeek-V3 figure (REFERENCE.md)."""
+    model, _ = mtp_model
+    cfg = model.config
+    for spec in (False, True):
+        eng = engine(model, speculative=spec)
+        per_slot = kv_cache_bytes(cfg, torch.float32, layers=cfg.num_hidden_layers + int(spec))
+        assert eng.pool.total_bytes == eng.pool.n_blocks * 8 * per_slot
+        assert eng.cache_bytes_per_token == kv_cache_bytes(cfg, torch.float32)  # the main model's context
+    v3 = preset("deepseek-v3")
+    assert kv_cache_bytes(v3, "bf16") == (512 + 64) * 61 * 2 == 70_272
+    assert cache_bytes_per_token(v3, torch.bfloat16, with_mtp=True) == (512 + 64) * 62 * 2
 
 
 def test_mha_baseline_serves_with_a_plain_kv_cache() -> None:
