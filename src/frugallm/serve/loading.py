@@ -7,9 +7,9 @@ Where things are looked for, given PATH:
     tokenizer   tokenizer.json in the model directory, else in PATH
     chat        ``chat_template`` in tokenizer_config.json (Jinja, as transformers renders it); without one,
                 the default template below
-    EOS         tokenizer_config.json ``eos_token``; else a special token named like an end of text
-                (``<|endoftext|>``, ``</s>``, ``<eos>``, DeepSeek's end of sentence); else generation_config.json
-                ``eos_token_id`` when that id is a special token of the tokenizer
+    EOS         the tokenizer's end of text as packing finds it (``data.tokenizer.end_of_text``: tokenizer_config.json
+                ``eos_token``, else a token named in ``EOT_NAMES``); else generation_config.json ``eos_token_id``
+                when that id is a special token of the tokenizer
 
 Default chat template (for models trained without one): each message becomes ``<|ROLE|>\\nCONTENT\\n`` and the
 prompt ends with ``<|assistant|>\\n``; generation stops at the next ``<|user|>`` or ``<|system|>`` marker.
@@ -24,19 +24,13 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from frugallm.data.tokenizer import config_token, end_of_text
 from frugallm.errors import CheckpointError
 from frugallm.model.transformer import DeepseekV3LM
 from frugallm.serve.sampling import RequestError
 
-EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<｜end▁of▁sentence｜>", "<|end_of_text|>", "<|im_end|>")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 DEFAULT_CHAT_STOPS = ("<|user|>", "<|system|>")
-
-
-def _token_text(v: Any) -> str | None:
-    if isinstance(v, dict):  # {"content": "<|endoftext|>", ...} as transformers writes AddedToken
-        v = v.get("content")
-    return v if isinstance(v, str) and v else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -72,19 +66,15 @@ class Codec:
         except Exception as e:  # the Rust library raises its own exception type
             raise CheckpointError(f"{tok_file}: not a readable tokenizers file ({e})") from None
         tcfg = _read_json(tok_file.parent / "tokenizer_config.json")
-        eos, bos = _token_text(tcfg.get("eos_token")), _token_text(tcfg.get("bos_token"))
-        special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        configured = config_token(tcfg, "eos_token")
+        eos, bos = end_of_text(tokenizer, configured) or configured, config_token(tcfg, "bos_token")
         eos_ids: set[int] = set()
         if eos is None:
-            for name in EOS_NAMES:
-                if name in special:
-                    eos = name
-                    break
-        if eos is None:
+            special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
             gen = _read_json(tok_file.parent / "generation_config.json")
             ids = gen.get("eos_token_id")
             for i in ids if isinstance(ids, list) else [ids]:
-                if isinstance(i, int) and i in special.values():
+                if isinstance(i, int) and i in special:
                     eos_ids.add(i)
         template = tcfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
