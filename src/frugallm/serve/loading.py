@@ -3,7 +3,8 @@ else) and its tokenizer, wrapped as a ``Codec`` that encodes, decodes, knows the
 renders chat messages.
 
 Where things are looked for, given PATH:
-    model       PATH/model/config.json (a run directory) or PATH/config.json (an HF directory)
+    model       ``frugallm.rundir``: PATH/model (a run's export), PATH (an HF directory), else the run's newest
+                checkpoint
     tokenizer   tokenizer.json in the model directory, else in PATH
     chat        ``chat_template`` in tokenizer_config.json (Jinja, as transformers renders it); without one,
                 the default template below
@@ -27,6 +28,7 @@ from tokenizers import Tokenizer
 from frugallm.data.tokenizer import config_token, end_of_text
 from frugallm.errors import CheckpointError
 from frugallm.model.transformer import DeepseekV3LM
+from frugallm.rundir import load_model
 from frugallm.serve.sampling import RequestError
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -125,29 +127,13 @@ class Codec:
             raise RequestError(f"the chat template could not render these messages: {e}", param="messages") from None
 
 
-def model_dir(path: str | Path) -> Path:
-    """The HF-format directory for PATH: PATH/model in a training run directory, else PATH itself."""
-    p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"model directory not found: {p}")
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    if (p / "config.json").is_file():
-        return p
-    raise CheckpointError(f"{p} is neither a frugallm run directory (with model/config.json) nor a Hugging Face "
-                          f"model directory (with config.json)")
-
-
 def load_for_serving(path: str | Path, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> tuple[DeepseekV3LM, Codec]:
-    """A run directory (``<run>/model`` + ``tokenizer.json``) or a Hugging Face DeepSeek-V3 directory ->
-    (model in eval mode, codec)."""
-    from frugallm.model.hf import from_pretrained
-
-    mdir = model_dir(path)
-    codec = Codec.from_dir(mdir, Path(path))
-    model = from_pretrained(mdir, device=device, dtype=dtype).eval()
+    """A run directory or a Hugging Face DeepSeek-V3 directory (``frugallm.rundir``: the run's export, else its
+    newest checkpoint) -> (model in eval mode, codec)."""
+    model, source = load_model(path, device=device, dtype=dtype)
+    codec = Codec.from_dir(source.path, source.root)
     if codec.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"tokenizer.json has {codec.vocab_size} tokens but the model's vocab_size is "
                               f"{model.config.vocab_size}")
-    return model, codec
+    return model.eval(), codec
