@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from frugallm.config import ModelConfig
-from frugallm.model.attention import build_attention
+from frugallm.model.attention import RopeTable, build_attention
 from frugallm.model.layers import MLP, RMSNorm
 from frugallm.model.moe import MoE, MoEStats
 
 # (the block, its normalised input [B, S, H], rope) -> the attention output after o_proj [B, S, H]
-Attend = Callable[["DecoderLayer", torch.Tensor, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+Attend = Callable[["DecoderLayer", torch.Tensor, RopeTable], torch.Tensor]
 
 
 class DecoderLayer(nn.Module):
@@ -34,8 +34,7 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                  attend: Attend | None = None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, rope: RopeTable, attend: Attend | None = None) -> torch.Tensor:
         """The residual attention half of the block: x [B, S, H] -> x + Attn(norm(x)). Without ``attend`` the
         module's own causal attention over x alone; the serving runner passes one that also reads and writes
         the cache of earlier tokens."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugallm.model.attention import MLA
+from frugallm.model.attention import MLA, RopeTable
 from frugallm.model.block import DecoderLayer
 from frugallm.model.transformer import DeepseekV3LM
 from frugallm.serve.cache import BlockPool
@@ -194,8 +194,7 @@ class CachedAttention:
     caches: Sequence[torch.Tensor]  # [slots, W] per cache layer
     batch: PagedBatch
 
-    def __call__(self, block: DecoderLayer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-                 ) -> torch.Tensor:
+    def __call__(self, block: DecoderLayer, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
         attn = block.self_attn
         return attn.o_proj(self.method(attn, x, rope, self.caches[block.layer_idx], self.batch))  # [B, S, H]
 
