@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from frugallm.config import PRESETS, ModelConfig, preset
-from frugallm.cost.params import param_counts
+from frugallm.cost.params import match_dense_width, param_counts
 from frugallm.errors import ConfigError
 from frugallm.kernels import KernelPolicy
 from frugallm.kernels.policy import bucket_rows
@@ -68,6 +68,7 @@ def test_presets_build_on_meta_and_count() -> None:
     tiny, dense = param_counts(preset("tiny")), param_counts(preset("tiny-dense"))
     assert 10e6 <= tiny.total <= 30e6
     assert abs(dense.active / tiny.active - 1) < 0.01
+    assert preset("tiny-dense").intermediate_size == match_dense_width(preset("tiny"), preset("tiny-dense"))
 
 
 def test_forward_train_shapes_and_losses() -> None:

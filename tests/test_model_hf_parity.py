@@ -72,7 +72,7 @@ def test_ours_to_theirs(case: str, tmp_path) -> None:
     ours = build_model(cfg, seed=3).eval()
     with torch.no_grad():
         _randomise_bias(ours, torch.Generator().manual_seed(4))
-    ours.save_pretrained(tmp_path / "ours")
+    save_pretrained(ours, tmp_path / "ours")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     assert type(theirs).__name__ == "DeepseekV3ForCausalLM"
     ids = _ids()

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from frugallm.config import ModelConfig, preset
+from frugallm.cost.memory import kv_cache_bytes
 from frugallm.model import build_model
 from frugallm.serve.cache import BlockPool, CacheLayout, cache_bytes_per_token, chain_hash
 from frugallm.serve.engine import Engine, EngineConfig
+from frugallm.serve.runner import Row
 from frugallm.serve.sampling import QueueFullError, RequestError, SamplingParams
 from shapes import SERVE_TINY
 
@@ -66,9 +68,19 @@ def mtp_model():
 
 
 # ----- the latent cache and the absorbed decode ------------------------------------------------------------
+VARIANTS = {
+    "v3": {},
+    # the other RoPE layout and V2's softmax routing serve through the same cache and absorbed decode
+    "halves-rope": {"rope_interleave": False},
+    "v2-group-limited": {"scoring_func": "softmax", "topk_method": "group_limited_greedy", "norm_topk_prob": False,
+                         "n_group": 2, "topk_group": 1},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("mode", ["absorbed", "expanded"])
-def test_cached_decode_matches_full_forward_every_step(mode: str) -> None:
-    model = tiny()
+def test_cached_decode_matches_full_forward_every_step(mode: str, variant: str) -> None:
+    model = tiny(**VARIANTS[variant])
     ids = prompt(20)
     ref_tokens, ref_logits = reference_greedy(model, ids, 64)
     eng = engine(model, decode_attention=mode, record_logits=True)
@@ -114,6 +126,21 @@ def test_cache_size_equals_the_cost_model(name: str, dtype: torch.dtype) -> None
     assert cache_bytes_per_token(cfg, dtype) == memory.kv_cache_bytes_per_token(cfg, dtype)
 
 
+def test_pool_allocates_what_the_cost_formula_says(mtp_model) -> None:
+    """The pool's bytes per slot, with and without the MTP block's layer, are ``cost.memory.kv_cache_bytes``
+    (the one formula), as is the published DeepSeek-V3 figure (REFERENCE.md)."""
+    model, _ = mtp_model
+    cfg = model.config
+    for spec in (False, True):
+        eng = engine(model, speculative=spec)
+        per_slot = kv_cache_bytes(cfg, torch.float32, layers=cfg.num_hidden_layers + int(spec))
+        assert eng.pool.total_bytes == eng.pool.n_blocks * 8 * per_slot
+        assert eng.cache_bytes_per_token == kv_cache_bytes(cfg, torch.float32)  # the main model's context
+    v3 = preset("deepseek-v3")
+    assert kv_cache_bytes(v3, "bf16") == (512 + 64) * 61 * 2 == 70_272
+    assert cache_bytes_per_token(v3, torch.bfloat16, with_mtp=True) == (512 + 64) * 62 * 2
+
+
 def test_mha_baseline_serves_with_a_plain_kv_cache() -> None:
     model = tiny(attention="mha", q_lora_rank=None)
     ids = prompt(11)
@@ -141,6 +168,23 @@ def test_speculative_greedy_equals_plain_greedy(mtp_model) -> None:
     assert sum(s.usage.accepted_draft_tokens for s in spec) == stats["accepted_draft_tokens"]
     # fewer forward passes than tokens: that is the point
     assert stats["steps"] < sum(len(s.token_ids) for s in spec)
+
+
+@torch.no_grad()
+def test_runner_mtp_equals_the_modules_own_forward(mtp_model) -> None:
+    """The runner's MTP block over the cache (a prefill, then one position at a time) against
+    ``MTPModule.forward`` over the whole sequence, as training runs it."""
+    model, cycle = mtp_model
+    ids = torch.tensor([cycle[:12]])  # [1, 12]
+    S = 11
+    h, _ = model.hidden(ids[:, :S])  # [1, S, H]
+    ref, _ = model.model.mtp[0](h, model.model.embed_tokens(ids[:, 1 : S + 1]), model.rope(S))  # [1, S, H]
+    eng = engine(model, speculative=True)
+    table = [eng.pool.allocate(reserved=False) for _ in range(2)]  # 16 slots: the MTP rows sit one slot later
+    got = [eng.runner.mtp(h[:, :6], ids[:, 1:7], [Row(table, 0, 6, 0)], prefill=True)]
+    for p in range(6, S):
+        got.append(eng.runner.mtp(h[:, p : p + 1], ids[:, p + 1 : p + 2], [Row(table, p, 1, p)], prefill=False))
+    assert (torch.cat(got, dim=1) - ref).abs().max().item() <= 1e-5
 
 
 def test_speculative_untrained_drafts_still_exact() -> None:

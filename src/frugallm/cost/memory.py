@@ -301,7 +301,7 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: object = "bf16", *, attent
                              kv_heads: int | None = None) -> int:
     """KV cache bytes per token over all layers (MTP modules excluded: they are not cached for serving).
     DeepSeek-V3 in bf16: (512 + 64) * 61 * 2 = 70,272 bytes."""
-    return kv_cache_elements_per_layer(cfg, attention, kv_heads) * cfg.num_hidden_layers * dtype_bytes(dtype)
+    return kv_cache_bytes(cfg, dtype, attention=attention, kv_heads=kv_heads)
 
 
 # ----- the total the training loop checks ----------------------------------------------------------------
@@ -395,3 +395,14 @@ __all__ = ["DTYPE_BYTES", "FP8_BLOCK", "FP8_GEMM_PARTS", "TrainingMemory", "acti
            "dtype_bytes", "dtype_name", "format_bytes", "fp8_scale_bytes", "fp8_weight_copy_bytes", "grad_bytes",
            "kv_cache_bytes_per_token", "kv_cache_elements_per_layer", "optimizer_bytes", "require_fits",
            "step_buffer_bytes", "training_memory", "weight_bytes"]
+
+
+def kv_cache_bytes(cfg: ModelConfig, dtype: object = "bf16", *, layers: int | None = None,
+                   attention: str | None = None, kv_heads: int | None = None) -> int:
+    """The KV cache formula, for the cost model and the serving engine alike: bytes one token of context
+    occupies, values per layer (``kv_cache_elements_per_layer``) x cached layers x the dtype's size.
+    ``layers`` defaults to the main model's num_hidden_layers; the serving engine passes one more when the
+    first MTP module drafts, since its block is cached too. DeepSeek-V3 in bf16: (512 + 64) * 61 * 2 = 70,272
+    bytes (DeepSeek-V2, arXiv 2405.04434, section 2.1.3)."""
+    n_layers = cfg.num_hidden_layers if layers is None else layers
+    return kv_cache_elements_per_layer(cfg, attention, kv_heads) * n_layers * dtype_bytes(dtype)

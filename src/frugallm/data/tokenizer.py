@@ -8,7 +8,8 @@ ids 0 and 1 in a trained tokenizer:
     <|pad|>         pads batches at serving time; never appears in training data
 
 An existing tokenizer (e.g. a DeepSeek checkpoint directory's ``tokenizer.json``) keeps its own specials; its
-end-of-text is found by name (``EOT_NAMES``) or from ``tokenizer_config.json``'s ``eos_token``.
+end-of-text (``end_of_text``, for packing and serving alike) is ``tokenizer_config.json``'s ``eos_token`` when the
+tokenizer has that token, else the first of ``EOT_NAMES`` it has.
 
 When packing, specials written *inside* a document (a web page quoting ``<|endoftext|>``) are encoded as plain
 text (``encode_special_tokens``), so document text can never forge a document boundary.
@@ -30,8 +31,9 @@ from frugallm.errors import ConfigError, DataError
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOT, PAD)
-# end-of-text names in tokenizers we may be given, in order of preference
-EOT_NAMES = (EOT, "<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>")
+# end-of-text names in tokenizers we may be given, in order of preference: ours (also GPT-2's and Qwen's),
+# DeepSeek's, Llama 3's, Llama 2's and Mistral's, Gemma's, ChatML's end of turn, other
+EOT_NAMES = (EOT, "<｜end▁of▁sentence｜>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eos|>")
 PAD_NAMES = (PAD, "<｜▁pad▁｜>", "<pad>", "<|finetune_right_pad_id|>")
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
@@ -79,30 +81,46 @@ def vocab_size(tok: Tokenizer) -> int:
     return max(tok.get_vocab(with_added_tokens=True).values()) + 1
 
 
+def config_token(config: dict, key: str) -> str | None:
+    """A token named in tokenizer_config.json (``config``): a string, or ``{"content": ...}`` as transformers
+    writes an AddedToken."""
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
 def _config_token(path: Path, key: str) -> str | None:
     cfg = path.parent / "tokenizer_config.json"
     if not cfg.is_file():
         return None
     try:
-        value = json.loads(cfg.read_text(encoding="utf-8")).get(key)
+        config = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if isinstance(value, dict):  # {"content": "...", ...} in older transformers configs
-        value = value.get("content")
-    return value if isinstance(value, str) else None
+    return config_token(config, key) if isinstance(config, dict) else None
+
+
+def _first_present(tok: Tokenizer, names: Iterable[str | None]) -> str | None:
+    return next((n for n in names if n and tok.token_to_id(n) is not None), None)
+
+
+def end_of_text(tok: Tokenizer, eos_token: str | None = None) -> str | None:
+    """The end-of-text token: ``eos_token`` (tokenizer_config.json's) when the tokenizer has it, else the first
+    of ``EOT_NAMES`` it has; None when it has none of them."""
+    return _first_present(tok, (eos_token, *EOT_NAMES))
 
 
 def special_ids(tok: Tokenizer, path: str | Path | None = None) -> tuple[int, int]:
     """``(eot_id, pad_id)``; pad falls back to end-of-text for tokenizers without one (it is only a filler)."""
     file = tokenizer_file(path) if path is not None else None
-    eot_names = ([_config_token(file, "eos_token")] if file else []) + list(EOT_NAMES)
-    pad_names = ([_config_token(file, "pad_token")] if file else []) + list(PAD_NAMES)
-    eot = next((i for n in eot_names if n and (i := tok.token_to_id(n)) is not None), None)
-    if eot is None:
+    eot_name = end_of_text(tok, _config_token(file, "eos_token") if file else None)
+    pad_name = _first_present(tok, ((_config_token(file, "pad_token") if file else None), *PAD_NAMES))
+    if eot_name is None:
         raise DataError(f"tokenizer {str(path or '')!r} has no end-of-text token (looked for "
                         f"{', '.join(EOT_NAMES)} and tokenizer_config.json's eos_token)")
-    pad = next((i for n in pad_names if n and (i := tok.token_to_id(n)) is not None), eot)
-    return eot, pad
+    eot = tok.token_to_id(eot_name)
+    return eot, eot if pad_name is None else tok.token_to_id(pad_name)
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:

@@ -23,15 +23,20 @@ Expanded path (training, prefill), the one implemented by ``forward``:
 The absorbed decode path (serving) multiplies W_UK into the query and applies W_UV after attention, so
 attention runs directly over the cached [r_kv + d_r] per token; ``kv_b_weights`` exposes W_UK and W_UV.
 
-RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints lay them out. YaRN
-(arXiv 2309.00071) blends interpolated and extrapolated frequencies and corrects the softmax scale by
-``mscale(factor, mscale_all_dim)**2``.
+RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints lay them out, or, with
+``rope_interleave=False``, the pairs (x_i, x_{i + d_r/2}) of the two halves (transformers' ``rotate_half``).
+Only the layout of q_rope and k_rope differs, and both are rotated alike, so the cached k_rope and the
+absorbed decode work unchanged in either. Frequencies: plain, ``linear`` (divided by the factor), ``llama3``
+(long wavelengths divided by the factor, a smooth blend between), and YaRN (arXiv 2309.00071), which blends
+interpolated and extrapolated frequencies and corrects the softmax scale by ``mscale(factor,
+mscale_all_dim)**2``; the formulas are transformers' (``modeling_rope_utils``), so that a checkpoint loads
+to the same numbers.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -47,12 +52,22 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+def _rope_type(scaling: dict[str, Any] | None) -> str:
+    return (scaling or {}).get("type", (scaling or {}).get("rope_type")) or "default"
+
+
 def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [dim/2] and the factor applied to cos/sin (1 without YaRN)."""
+    """Inverse frequencies [dim/2] and the factor applied to cos/sin (1 but for YaRN)."""
     exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim  # never on meta
     inv_freq = 1.0 / theta**exponents  # [dim/2]
-    if not scaling or scaling.get("type", scaling.get("rope_type")) != "yarn":
+    kind = _rope_type(scaling)
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"]), 1.0  # type: ignore[index]
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, scaling), 1.0  # type: ignore[arg-type]
+    if kind != "yarn":
         return inv_freq, 1.0
+    assert scaling is not None
     factor = float(scaling["factor"])
     original = int(scaling["original_max_position_embeddings"])
     beta_fast = float(scaling.get("beta_fast") or 32)
@@ -69,8 +84,10 @@ def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> 
         # the pair index whose wavelength completes n_rot turns over the original context
         return dim * math.log(original / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(dim_for_rotations(beta_fast)), 0)
-    high = min(math.ceil(dim_for_rotations(beta_slow)), dim - 1)
+    low, high = dim_for_rotations(beta_fast), dim_for_rotations(beta_slow)
+    if scaling.get("truncate", True):  # transformers' default; False keeps the fractional bounds
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
@@ -79,34 +96,61 @@ def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> 
     return inv_freq, attn_factor
 
 
+def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's scaling: wavelengths above original/low_freq_factor are divided by the factor, those below
+    original/high_freq_factor kept, and those between blended linearly in original/wavelength."""
+    factor, lo, hi = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq  # [dim/2]
+    scaled = torch.where(wavelength > original / lo, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / hi) & (wavelength <= original / lo)
+    return torch.where(medium, blended, scaled)
+
+
 def softmax_scale(cfg: ModelConfig) -> float:
     scale = cfg.qk_head_dim**-0.5
     rs = cfg.rope_scaling
-    if rs and rs.get("type", rs.get("rope_type")) == "yarn" and rs.get("mscale_all_dim"):
+    if _rope_type(rs) != "default" and rs.get("mscale_all_dim"):  # type: ignore[union-attr]
         m = _yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
         scale *= m * m
     return scale
 
 
+class RopeTable(NamedTuple):
+    """What ``apply_rope`` needs besides x: cos and sin [B or 1, S, d_r/2] and the pairs' layout."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    interleaved: bool = True
+
+
 class Rotary(nn.Module):
-    """Caches cos/sin per position; ``forward(positions)`` returns (cos, sin), each [*positions, d_r/2]."""
+    """Caches cos/sin per position; ``forward(positions)`` returns a ``RopeTable`` of [*positions, d_r/2]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         # a plain attribute, not a buffer: it stays float32 when the model is cast to bf16
         self.inv_freq, self.attn_factor = rope_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta,
                                                            cfg.rope_scaling)
+        self.interleaved = cfg.rope_interleave
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> RopeTable:
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [*, d_r/2]
-        return angles.cos() * self.attn_factor, angles.sin() * self.attn_factor
+        return RopeTable(angles.cos() * self.attn_factor, angles.sin() * self.attn_factor, self.interleaved)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim. x: [B, heads, S, d_r]; cos/sin: [B or 1, S, d_r/2]."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotate pairs of the last dim, interleaved (x0, x1), (x2, x3) ... or the halves' (x_i, x_{i + d_r/2}).
+    x: [B, heads, S, d_r]; cos/sin: [B or 1, S, d_r/2]."""
     up = x.to(torch.promote_types(x.dtype, torch.float32))  # rotate in at least float32
+    if not interleaved:
+        x1, x2 = up.chunk(2, dim=-1)  # [B, h, S, d_r/2] each
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, d_r/2]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
     if up.dtype == torch.float32:
         # pairs as complex numbers times cos + i sin: one complex multiply, forward and backward (half the
         # time of the real-valued unbind/stack form below, same values)
@@ -122,6 +166,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ----- MLA ------------------------------------------------------------------------------------------------
+# The query and KV latents' norms use 1e-6 whatever rms_norm_eps says: so do DeepSeek's own inference code and
+# transformers' DeepseekV2/V3 (their RMSNorm default), which a checkpoint with rms_norm_eps 1e-5 (Moonlight)
+# must reproduce.
+LATENT_NORM_EPS = 1e-6
+
 class MLA(nn.Module):
     kernels = KernelPolicy()  # which attention kernel runs (``frugallm.kernels``); build_model sets the model's
 
@@ -136,10 +185,10 @@ class MLA(nn.Module):
             self.q_proj = Linear(H, nh * dqk, bias=False)
         else:
             self.q_a_proj = Linear(H, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = Linear(cfg.q_lora_rank, nh * dqk, bias=False)
         self.kv_a_proj_with_mqa = Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = Linear(nh * cfg.v_head_dim, H, bias=False)
 

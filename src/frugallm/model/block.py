@@ -1,14 +1,23 @@
-"""One pre-norm transformer block: attention (MLA or a baseline) then an FFN (DeepSeekMoE or dense SwiGLU)."""
+"""One pre-norm transformer block: attention (MLA or a baseline) then an FFN (DeepSeekMoE or dense SwiGLU).
+
+The two residual halves are methods of their own, ``attention`` and ``ffn``, so that the serving runner
+(``frugallm.serve.runner``) runs the same block with attention over its paged cache instead of over x alone.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from frugallm.config import ModelConfig
-from frugallm.model.attention import build_attention
+from frugallm.model.attention import RopeTable, build_attention
 from frugallm.model.layers import MLP, RMSNorm
 from frugallm.model.moe import MoE, MoEStats
+
+# (the block, its normalised input [B, S, H], rope) -> the attention output after o_proj [B, S, H]
+Attend = Callable[["DecoderLayer", torch.Tensor, RopeTable], torch.Tensor]
 
 
 class DecoderLayer(nn.Module):
@@ -25,6 +34,13 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
+    def attention(self, x: torch.Tensor, rope: RopeTable, attend: Attend | None = None) -> torch.Tensor:
+        """The residual attention half of the block: x [B, S, H] -> x + Attn(norm(x)). Without ``attend`` the
+        module's own causal attention over x alone; the serving runner passes one that also reads and writes
+        the cache of earlier tokens."""
+        h = self.input_layernorm(x)
+        return x + (self.self_attn(h, rope) if attend is None else attend(self, h, rope))
+
     def ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
         """The residual FFN half of the block: x [B, S, H] -> x + FFN(norm(x))."""
         h = self.post_attention_layernorm(x)
@@ -35,5 +51,4 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
-        return self.ffn(x)
+        return self.ffn(self.attention(x, rope))

@@ -34,12 +34,26 @@ from safetensors.torch import save_file
 from frugallm.config import ModelConfig
 from frugallm.errors import CheckpointError, ConfigError
 from frugallm.model.transformer import DeepseekV3LM, build_model
-from frugallm.precision.fp8 import dequantize_weight_blocks
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_BIAS = "mlp.gate.e_score_correction_bias"
+FP8_BLOCK = 128  # the published checkpoints' weight blocks (config.json quantization_config.weight_block_size)
+
+
+def dequantize_weight_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w [out, in] in float8, scale_inv [ceil(out/block), ceil(in/block)]: w * scale per block, as the
+    published checkpoint stores its FP8 weights (``weight_scale_inv``). float8 -> float32 is exact."""
+    out_f, in_f = w.shape
+    expected = (-(-out_f // block), -(-in_f // block))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight {tuple(w.shape)} "
+                         f"in {block}x{block} blocks (expected {expected})")
+    scale = scale_inv.float().repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
+    return (w.float() * scale).to(dtype)
 
 
 # ----- reading ------------------------------------------------------------------------------------------
@@ -130,6 +144,10 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu",
     model = build_model(cfg, device=device, dtype=dtype, init=False)
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
+    with torch.no_grad():  # V2 checkpoints carry no balancing bias: it selects as zero does
+        for name, buf in own.items():
+            if name.endswith(_BIAS):
+                buf.zero_()
     filled: dict[str, set] = {}  # our name -> expert slots filled (or {None} for whole tensors)
     handles: dict[Path, object] = {}
     with torch.no_grad():
@@ -214,11 +232,18 @@ def _hf_expert_name(stacked_name: str, e: int, part: str, cfg: ModelConfig) -> s
 
 
 def hf_state_items(model: DeepseekV3LM) -> Iterator[tuple[str, torch.Tensor]]:
-    """Our state in the published layout, tensor by tensor (views where possible)."""
+    """Our state in the published layout, tensor by tensor (views where possible). DeepSeek-V2's layout has
+    no balancing bias; a model whose bias is not zero has no V2 equivalent and is refused."""
     cfg = model.config
     inter = cfg.moe_intermediate_size
     state = model.state_dict()
+    v2 = cfg.hf_model_type == "deepseek_v2"
     for name, t in state.items():
+        if v2 and name.endswith(_BIAS):
+            if bool(t.detach().ne(0).any()):
+                raise CheckpointError(f"{name} is not zero, but DeepSeek-V2's layout (topk_method="
+                                      f"{cfg.topk_method!r}) has no balancing bias: its routing would differ")
+            continue
         if name.endswith("experts.gate_up_proj"):
             for e in range(t.shape[0]):
                 yield _hf_expert_name(name, e, "gate_proj", cfg), t[e, :inter]
@@ -239,10 +264,15 @@ def hf_state_items(model: DeepseekV3LM) -> Iterator[tuple[str, torch.Tensor]]:
 def save_pretrained(model: DeepseekV3LM, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = 4 * 2**30, extra_files: dict[str, Path] | None = None) -> Path:
     """Write ``config.json`` and safetensors shards (with an index when more than one) that
-    ``transformers.AutoModelForCausalLM.from_pretrained`` loads as ``DeepseekV3ForCausalLM``. The directory
-    appears complete or not at all. ``extra_files`` (e.g. ``{"tokenizer.json": path}``) are copied in."""
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads as ``DeepseekV3ForCausalLM`` (or
+    ``DeepseekV2ForCausalLM`` for V2 routing), computing what the model computes: the configuration is
+    written as loaded (``rope_interleave`` included). The directory appears complete or not at all.
+    ``extra_files`` (e.g. ``{"tokenizer.json": path}``) are copied in."""
     cfg = model.config
-    hf_cfg = cfg.to_hf_dict()
+    try:
+        hf_cfg = cfg.to_hf_dict()
+    except ConfigError as e:
+        raise CheckpointError(f"cannot save in the Hugging Face layout: {e}") from None
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))

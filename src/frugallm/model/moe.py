@@ -11,7 +11,10 @@ Routing, for each token:
     group score = sum of the top 2 `choice` in each group; keep the best g groups, mask the rest
     idx = top-k of `choice` among kept experts   [N, k]
     gate = s[idx] (/ sum when norm_topk_prob) * routed_scaling_factor
-The bias never enters gate values, so balancing changes who is chosen but not how outputs mix.
+The bias never enters gate values, so balancing changes who is chosen but not how outputs mix. That is V3's
+``topk_method = noaux_tc``. DeepSeek-V2 scores with a softmax (``scoring_func``) and picks either the top-k
+of all experts (``greedy``, V2-Lite) or the top-k inside the g groups whose best single score is highest
+(``group_limited_greedy``, V2); its checkpoints carry no bias, which stays zero.
 
 Experts run grouped: the N*k (token, expert) pairs are sorted by expert so that every expert sees one
 contiguous slice, computed with one ``torch._grouped_mm`` or one matmul per expert, as the kernel policy
@@ -59,7 +62,7 @@ class Router(nn.Module):
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
-        self.scoring = cfg.scoring_func
+        self.scoring, self.method = cfg.scoring_func, cfg.topk_method
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
@@ -76,9 +79,9 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.weight.float())  # [N, E]
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach() + self.e_score_correction_bias  # [N, E]
-        if self.n_group > 1:
+        if self.n_group > 1 and self.method != "greedy":
             grouped = choice.unflatten(-1, (self.n_group, -1))  # [N, G, E/G]
-            if self.scoring == "sigmoid":
+            if self.method == "noaux_tc":
                 group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
             else:
                 group_score = grouped.amax(dim=-1)  # [N, G] (V2's group-limited greedy)

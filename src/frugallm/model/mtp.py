@@ -38,7 +38,10 @@ class MTPModule(DecoderLayer):
         self.eh_proj = Linear(2 * H, H, bias=False)
         self.shared_head = SharedHead(cfg)
 
+    def combine(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
+        """The block's input h' from h_prev [B, S, H] and the next tokens' embedding [B, S, H] (docstring above)."""
+        return self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # [B, S, H]
+
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor,  # type: ignore[override]
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, MoEStats | None]:
-        x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # [B, S, H]
-        return super().forward(x, rope)
+        return super().forward(self.combine(h_prev, emb_next), rope)

@@ -21,7 +21,7 @@ from torch import nn
 
 from frugallm.config import ModelConfig
 from frugallm.kernels import KernelPolicy, choose, install
-from frugallm.model.attention import Rotary
+from frugallm.model.attention import RopeTable, Rotary
 from frugallm.model.block import DecoderLayer
 from frugallm.model.layers import Linear, RMSNorm
 from frugallm.model.loss import linear_cross_entropy
@@ -61,11 +61,10 @@ class DeepseekV3LM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # ----- forward passes -----------------------------------------------------------------------------
-    def rope(self, seq_len: int, offset: int = 0, device: torch.device | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, seq_len: int, offset: int = 0, device: torch.device | None = None) -> RopeTable:
         pos = torch.arange(offset, offset + seq_len, device=device or self.lm_head.weight.device)
-        cos, sin = self.rotary(pos)  # [S, d_r/2]
-        return cos.unsqueeze(0), sin.unsqueeze(0)  # [1, S, d_r/2]
+        cos, sin, interleaved = self.rotary(pos)  # [S, d_r/2]
+        return RopeTable(cos.unsqueeze(0), sin.unsqueeze(0), interleaved)  # [1, S, d_r/2]
 
     def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[MoEStats]]:
         """input_ids [B, S] -> last hidden state before the final norm [B, S, H], and MoE stats."""
@@ -114,12 +113,6 @@ class DeepseekV3LM(nn.Module):
         else:
             balance, loads = loss.new_zeros(()), None
         return TrainOutput(loss, mtp_losses, balance, loads)
-
-    def save_pretrained(self, path, **kwargs):  # type: ignore[no-untyped-def]
-        """Write a Hugging Face DeepSeek-V3 directory; see ``frugallm.model.hf.save_pretrained``."""
-        from frugallm.model.hf import save_pretrained
-
-        return save_pretrained(self, path, **kwargs)
 
     # ----- balancing ----------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:

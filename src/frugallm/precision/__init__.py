@@ -11,7 +11,6 @@ from frugallm.precision.backends import (
 from frugallm.precision.fp8 import (
     Fp8Recipe,
     convert_to_fp8,
-    dequantize_weight_blocks,
     fp8_module_names,
     update_recipes,
 )
@@ -20,7 +19,7 @@ from frugallm.precision.quant import Fp8Tensor, dequantize, quantize, quantize_b
 
 __all__ = [
     "BACKENDS", "EmulatedBackend", "Fp8Backend", "HopperBackend", "hopper_unavailable_reason",
-    "select_backend", "Fp8Recipe", "convert_to_fp8", "dequantize_weight_blocks", "fp8_module_names",
+    "select_backend", "Fp8Recipe", "convert_to_fp8", "fp8_module_names",
     "update_recipes", "Fp8GroupedExperts", "Fp8Linear", "Fp8Tensor", "dequantize", "quantize", "quantize_blocks",
     "quantize_tiles",
 ]

@@ -34,7 +34,8 @@ only emulate bf16 (``frugallm.train.loop.resolve_precision``): the FP8 GEMM oper
 way either way.
 
 Conversion swaps modules in place and keeps parameter names, so a state_dict (and a checkpoint) is the
-same before and after. ``dequantize_weight_blocks`` reads the published FP8 checkpoint's weights.
+same before and after. ``frugallm.model.hf.dequantize_weight_blocks`` reads the published FP8 checkpoint's
+weights.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from frugallm.errors import ConfigError
@@ -53,11 +53,9 @@ from frugallm.model.gemm import Linear
 from frugallm.model.moe import GroupedExperts
 from frugallm.precision.backends import BACKENDS, require_hopper
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
-from frugallm.precision.quant import E4M3, e4m3_to_float
 
 log = logging.getLogger("frugallm.precision")
 
-BLOCK = 128
 KEEP_HIGH_PRECISION = ("lm_head",)  # linears matched by name that stay unconverted (the output head)
 
 
@@ -152,16 +150,3 @@ def update_recipes(model: nn.Module, **changes: Any) -> int:
 def fp8_module_names(model: nn.Module) -> list[str]:
     """Dotted names of the converted modules, in module order."""
     return [n for n, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8GroupedExperts))]
-
-
-def dequantize_weight_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
-                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """w [out, in] in float8, scale_inv [ceil(out/block), ceil(in/block)]: w * scale per block, as the
-    published checkpoint stores its FP8 weights (``weight_scale_inv``)."""
-    out_f, in_f = w.shape
-    expected = (-(-out_f // block), -(-in_f // block))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight {tuple(w.shape)} "
-                         f"in {block}x{block} blocks (expected {expected})")
-    scale = scale_inv.float().repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
-    return ((e4m3_to_float(w) if w.dtype == E4M3 else w.float()) * scale).to(dtype)

@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from frugallm.config import ModelConfig
+from frugallm.cost.memory import kv_cache_bytes, kv_cache_elements_per_layer
 from frugallm.errors import ResourceError
 
 
@@ -58,21 +59,20 @@ class CacheLayout:
 
     @property
     def bytes_per_token(self) -> int:
+        """One slot across the layers, as allocated (``cache_bytes_per_token`` gives it from a config)."""
         return self.n_layers * self.width * torch.empty((), dtype=self.dtype).element_size()
 
 
 def entry_width(cfg: ModelConfig) -> int:
-    """Values cached per token per layer: ``r_kv + d_r`` for MLA, ``n_kv * (d_qk + d_v)`` for MHA/GQA."""
-    if cfg.attention == "mla":
-        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    return cfg.kv_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    """Values cached per token per layer: ``r_kv + d_r`` for MLA, ``n_kv * (d_qk + d_v)`` for MHA/GQA (the
+    cost model's ``kv_cache_elements_per_layer``)."""
+    return kv_cache_elements_per_layer(cfg)
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, with_mtp: bool = False) -> int:
-    """Bytes the cache holds per token of context: ``entry_width * layers * dtype size`` (the MLA figure is
-    ``(kv_lora_rank + qk_rope_head_dim) * num_hidden_layers * bytes``)."""
-    layers = cfg.num_hidden_layers + (1 if with_mtp else 0)
-    return CacheLayout(n_layers=layers, width=entry_width(cfg), dtype=dtype).bytes_per_token
+    """Bytes the cache holds per token of context, by the cost model's formula (``cost.memory.kv_cache_bytes``),
+    with the MTP block's layer when it drafts."""
+    return kv_cache_bytes(cfg, dtype, layers=cfg.num_hidden_layers + int(with_mtp))
 
 
 def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:

@@ -43,7 +43,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from frugallm.errors import ConfigError
 from frugallm.model.transformer import DeepseekV3LM
-from frugallm.serve.cache import BlockPool, CacheLayout, chain_hash, entry_width
+from frugallm.serve.cache import BlockPool, CacheLayout, cache_bytes_per_token, chain_hash, entry_width
 from frugallm.serve.runner import ModelRunner, Row
 from frugallm.serve.sampling import (
     QueueFullError,
@@ -200,9 +200,7 @@ class Engine:
     def cache_bytes_per_token(self) -> int:
         """Cache bytes one token of context occupies in the main model: ``(r_kv + d_r) * L * dtype size``
         for MLA (the MTP block's row, when drafting, adds one layer's worth)."""
-        mcfg = self.model.config
-        return CacheLayout(n_layers=mcfg.num_hidden_layers, width=self.layout.width,
-                           dtype=self.layout.dtype).bytes_per_token
+        return cache_bytes_per_token(self.model.config, self.layout.dtype)
 
     # ----- requests (thread-safe) ---------------------------------------------------------------------
     def submit(self, prompt: list[int] | str, params: SamplingParams | None = None,

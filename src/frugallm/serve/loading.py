@@ -3,13 +3,14 @@ else) and its tokenizer, wrapped as a ``Codec`` that encodes, decodes, knows the
 renders chat messages.
 
 Where things are looked for, given PATH:
-    model       PATH/model/config.json (a run directory) or PATH/config.json (an HF directory)
+    model       ``frugallm.rundir``: PATH/model (a run's export), PATH (an HF directory), else the run's newest
+                checkpoint
     tokenizer   tokenizer.json in the model directory, else in PATH
     chat        ``chat_template`` in tokenizer_config.json (Jinja, as transformers renders it); without one,
                 the default template below
-    EOS         tokenizer_config.json ``eos_token``; else a special token named like an end of text
-                (``<|endoftext|>``, ``</s>``, ``<eos>``, DeepSeek's end of sentence); else generation_config.json
-                ``eos_token_id`` when that id is a special token of the tokenizer
+    EOS         the tokenizer's end of text as packing finds it (``data.tokenizer.end_of_text``: tokenizer_config.json
+                ``eos_token``, else a token named in ``EOT_NAMES``); else generation_config.json ``eos_token_id``
+                when that id is a special token of the tokenizer
 
 Default chat template (for models trained without one): each message becomes ``<|ROLE|>\\nCONTENT\\n`` and the
 prompt ends with ``<|assistant|>\\n``; generation stops at the next ``<|user|>`` or ``<|system|>`` marker.
@@ -24,19 +25,14 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from frugallm.data.tokenizer import config_token, end_of_text
 from frugallm.errors import CheckpointError
 from frugallm.model.transformer import DeepseekV3LM
+from frugallm.rundir import load_model
 from frugallm.serve.sampling import RequestError
 
-EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<｜end▁of▁sentence｜>", "<|end_of_text|>", "<|im_end|>")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 DEFAULT_CHAT_STOPS = ("<|user|>", "<|system|>")
-
-
-def _token_text(v: Any) -> str | None:
-    if isinstance(v, dict):  # {"content": "<|endoftext|>", ...} as transformers writes AddedToken
-        v = v.get("content")
-    return v if isinstance(v, str) and v else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -72,19 +68,15 @@ class Codec:
         except Exception as e:  # the Rust library raises its own exception type
             raise CheckpointError(f"{tok_file}: not a readable tokenizers file ({e})") from None
         tcfg = _read_json(tok_file.parent / "tokenizer_config.json")
-        eos, bos = _token_text(tcfg.get("eos_token")), _token_text(tcfg.get("bos_token"))
-        special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        configured = config_token(tcfg, "eos_token")
+        eos, bos = end_of_text(tokenizer, configured) or configured, config_token(tcfg, "bos_token")
         eos_ids: set[int] = set()
         if eos is None:
-            for name in EOS_NAMES:
-                if name in special:
-                    eos = name
-                    break
-        if eos is None:
+            special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
             gen = _read_json(tok_file.parent / "generation_config.json")
             ids = gen.get("eos_token_id")
             for i in ids if isinstance(ids, list) else [ids]:
-                if isinstance(i, int) and i in special.values():
+                if isinstance(i, int) and i in special:
                     eos_ids.add(i)
         template = tcfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
@@ -135,29 +127,13 @@ class Codec:
             raise RequestError(f"the chat template could not render these messages: {e}", param="messages") from None
 
 
-def model_dir(path: str | Path) -> Path:
-    """The HF-format directory for PATH: PATH/model in a training run directory, else PATH itself."""
-    p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"model directory not found: {p}")
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    if (p / "config.json").is_file():
-        return p
-    raise CheckpointError(f"{p} is neither a frugallm run directory (with model/config.json) nor a Hugging Face "
-                          f"model directory (with config.json)")
-
-
 def load_for_serving(path: str | Path, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> tuple[DeepseekV3LM, Codec]:
-    """A run directory (``<run>/model`` + ``tokenizer.json``) or a Hugging Face DeepSeek-V3 directory ->
-    (model in eval mode, codec)."""
-    from frugallm.model.hf import from_pretrained
-
-    mdir = model_dir(path)
-    codec = Codec.from_dir(mdir, Path(path))
-    model = from_pretrained(mdir, device=device, dtype=dtype).eval()
+    """A run directory or a Hugging Face DeepSeek-V3 directory (``frugallm.rundir``: the run's export, else its
+    newest checkpoint) -> (model in eval mode, codec)."""
+    model, source = load_model(path, device=device, dtype=dtype)
+    codec = Codec.from_dir(source.path, source.root)
     if codec.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"tokenizer.json has {codec.vocab_size} tokens but the model's vocab_size is "
                               f"{model.config.vocab_size}")
-    return model, codec
+    return model.eval(), codec

@@ -5,8 +5,11 @@ Symbols (DeepSeek-V3 sizes in brackets): B sequences, S new tokens per sequence 
 sequence's length), n_h heads [128], d_n qk_nope [128], d_r qk_rope [64], d_v v_head [128], r kv_lora_rank [512],
 W = r + d_r [576] the cached row.
 
-Each layer runs: norm -> attention with cache -> o_proj -> residual -> ``layer.ffn`` (the model's own pieces).
-Attention with the cache is one of three classes behind one call, ``attend(attn, x, rope, rows, batch)``:
+Each layer runs the block's own halves, ``layer.attention`` then ``layer.ffn`` (``model.block``), the MTP module
+first its own ``combine``; only the attention step differs from the model's forward: it gets a
+``CachedAttention``, which attends with the cache and applies o_proj. A block's cache layer is its
+``layer_idx`` (main layers 0 .. L-1, the first MTP module L, as checkpoints number them). Attention with the
+cache is one of three classes behind one call, ``method(attn, x, rope, rows, batch)``:
 
 ``MLAExpanded`` (prefill; also a reference decode path)
     c_kv, k_rope = compress_kv(x)            written to the cache, then all T rows read back
@@ -26,13 +29,15 @@ for position p lives at slot(p + 1) (see ``cache``), so its batch is built with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugallm.model.attention import MLA
+from frugallm.model.attention import MLA, RopeTable
+from frugallm.model.block import DecoderLayer
 from frugallm.model.transformer import DeepseekV3LM
 from frugallm.serve.cache import BlockPool
 
@@ -180,6 +185,20 @@ class KVHeads:
 DECODE_ATTENTION = {"absorbed": MLAAbsorbed, "expanded": MLAExpanded}
 
 
+@dataclass
+class CachedAttention:
+    """The ``attend`` of ``DecoderLayer.attention`` for one forward over the paged cache: ``method`` on the
+    block's cache layer, then the block's o_proj."""
+
+    method: MLAExpanded | MLAAbsorbed | KVHeads
+    caches: Sequence[torch.Tensor]  # [slots, W] per cache layer
+    batch: PagedBatch
+
+    def __call__(self, block: DecoderLayer, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+        attn = block.self_attn
+        return attn.o_proj(self.method(attn, x, rope, self.caches[block.layer_idx], self.batch))  # [B, S, H]
+
+
 class ModelRunner:
     """The model's forward passes over the paged cache. Cache layer l < L belongs to main layer l; layer L
     (present when ``with_mtp``) to the first MTP module."""
@@ -187,7 +206,7 @@ class ModelRunner:
     def __init__(self, model: DeepseekV3LM, pool: BlockPool, decode_attention: str = "absorbed",
                  with_mtp: bool = False) -> None:
         self.model, self.pool = model, pool
-        self.n_layers = model.config.num_hidden_layers
+        self.caches = pool.data.unbind(0)  # views, taken once: the pool's tensor is never reallocated
         self.with_mtp = with_mtp
         if model.config.attention == "mla":
             self.prefill_attn = MLAExpanded()
@@ -195,12 +214,8 @@ class ModelRunner:
         else:
             self.prefill_attn = self.decode_attn = KVHeads()
 
-    def _block(self, layer: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               cache_layer: int, batch: PagedBatch, prefill: bool) -> torch.Tensor:
-        attend = self.prefill_attn if prefill else self.decode_attn
-        a = attend(layer.self_attn, layer.input_layernorm(x), rope, self.pool.data[cache_layer], batch)
-        x = x + layer.self_attn.o_proj(a)
-        return layer.ffn(x)[0]
+    def _attend(self, batch: PagedBatch, prefill: bool) -> CachedAttention:
+        return CachedAttention(self.prefill_attn if prefill else self.decode_attn, self.caches, batch)
 
     def _rope(self, batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.rotary(batch.positions)  # [B, S, d_r/2] each
@@ -208,10 +223,10 @@ class ModelRunner:
     def main(self, tokens: torch.Tensor, rows: list[Row], prefill: bool) -> torch.Tensor:
         """tokens [B, S] -> last hidden state before the final norm [B, S, H]."""
         batch = paged_batch(rows, self.pool.block_size, device=self.pool.data.device)
-        rope = self._rope(batch)
+        rope, attend = self._rope(batch), self._attend(batch, prefill)
         x = self.model.model.embed_tokens(tokens)  # [B, S, H]
-        for i, layer in enumerate(self.model.model.layers):
-            x = self._block(layer, x, rope, i, batch, prefill)
+        for layer in self.model.model.layers:
+            x = layer.ffn(layer.attention(x, rope, attend))[0]
         return x
 
     def mtp(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, rows: list[Row], prefill: bool
@@ -220,9 +235,8 @@ class ModelRunner:
         there, next_tokens [B, S] the token one further on. Returns its hidden state [B, S, H]."""
         module = self.model.model.mtp[0]
         batch = paged_batch(rows, self.pool.block_size, shift=1, device=self.pool.data.device)
-        emb = self.model.model.embed_tokens(next_tokens)  # [B, S, H]
-        x = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(h_prev)], dim=-1))  # [B, S, H]
-        return self._block(module, x, self._rope(batch), self.n_layers, batch, prefill)
+        x = module.combine(h_prev, self.model.model.embed_tokens(next_tokens))  # [B, S, H]
+        return module.ffn(module.attention(x, self._rope(batch), self._attend(batch, prefill)))[0]
 
     def logits(self, h: torch.Tensor, mtp: bool = False) -> torch.Tensor:
         norm = self.model.model.mtp[0].shared_head.norm if mtp else None

@@ -112,18 +112,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A run's model: its final Hugging Face export when present, else its newest checkpoint."""
-    from frugallm.model import build_model
-    from frugallm.model.hf import from_pretrained
-    from frugallm.train.runconfig import read_run_config
+    """A run's model: its final Hugging Face export when present, else its newest checkpoint (``frugallm.rundir``)."""
+    from frugallm.rundir import load_model
 
-    run_dir = Path(run_dir)
-    if (run_dir / "model" / "config.json").is_file():
-        return from_pretrained(run_dir / "model", device=device)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"{run_dir}: no model/ export and no checkpoint to load")
-    model_cfg, _ = read_run_config(run_dir / "config.toml")
-    model = build_model(model_cfg, device=device, init=False)
-    load_checkpoint(ckpt, model, None)
-    return model
+    return load_model(run_dir, device=device)[0]

@@ -1,0 +1,92 @@
+"""Reading a trained model from a directory: a frugallm run directory or a Hugging Face DeepSeek-V3 directory.
+The one reader behind serving (``serve.loading``), ``frugallm eval`` and the end-of-training sample
+(``train.checkpoint.load_run_model``); neither train nor serve owns it.
+
+A run directory, as ``train.loop`` writes it:
+    config.toml                  the resolved [model] and [train] tables
+    tokenizer.json
+    model/                       the final Hugging Face export (config.json, *.safetensors, tokenizer.json);
+                                 absent until the run ends, and for configs HF cannot express
+    checkpoints/step_NNNNNN/     model.safetensors (our names) + state.json (``train.checkpoint``)
+
+Where the weights come from, for PATH (``find_model``), first match:
+    export       PATH/model/config.json
+    hf           PATH/config.json: PATH is itself an HF directory (a run's model/ among them)
+    checkpoint   PATH/config.toml and a complete checkpoint: the newest one, with a warning that says so
+    otherwise    one CheckpointError saying what was looked for
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from frugallm.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from frugallm.model.transformer import DeepseekV3LM
+
+log = logging.getLogger("frugallm.rundir")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # export | hf | checkpoint
+    path: Path  # the HF directory, or the checkpoint directory
+    root: Path  # the directory given: a run's root or the HF directory, where tokenizer.json is also looked for
+
+    @property
+    def note(self) -> str:
+        if self.kind == "checkpoint":
+            return (f"{self.root} has no final export (model/); loading its newest checkpoint, "
+                    f"{self.path.relative_to(self.root)}")
+        return f"loading {self.path}"
+
+
+def find_model(path: str | Path) -> ModelSource:
+    """Which weights PATH holds (the module docstring's order); reads no tensor."""
+    from frugallm.train.checkpoint import latest_checkpoint
+
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"model directory not found: {root}")
+    if (root / "model" / "config.json").is_file():
+        return ModelSource(kind="export", path=root / "model", root=root)
+    if (root / "config.json").is_file():
+        return ModelSource(kind="hf", path=root, root=root)
+    ckpt = latest_checkpoint(root)
+    if (root / "config.toml").is_file():
+        if ckpt is None:
+            raise CheckpointError(f"{root}: a frugallm run directory with neither a final export (model/) nor a "
+                                  f"complete checkpoint (checkpoints/step_*/) yet")
+        return ModelSource(kind="checkpoint", path=ckpt, root=root)
+    found = " (it has checkpoints/ but no config.toml to build the model from)" if ckpt else ""
+    raise CheckpointError(f"{root} is neither a frugallm run directory (model/config.json, or config.toml and "
+                          f"checkpoints/) nor a Hugging Face model directory (config.json){found}")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+               ) -> tuple[DeepseekV3LM, ModelSource]:
+    """The model PATH holds, in ``dtype`` (default float32), and where it came from."""
+    import torch
+
+    from frugallm.model import build_model
+    from frugallm.model.hf import from_pretrained
+
+    source = find_model(path)
+    dtype = dtype or torch.float32
+    if source.kind != "checkpoint":
+        return from_pretrained(source.path, device=device, dtype=dtype), source
+    from frugallm.train.checkpoint import load_checkpoint
+    from frugallm.train.runconfig import read_run_config
+
+    log.warning("%s", source.note)
+    model_cfg, _ = read_run_config(source.root / "config.toml")
+    model = build_model(model_cfg, device=device, dtype=dtype, init=False)
+    with torch.random.fork_rng():  # a checkpoint restores the run's RNG states; loading one keeps ours
+        load_checkpoint(source.path, model, None)
+    return model, source
