@@ -11,8 +11,7 @@ from torch import nn
 
 from frugallm.config import preset
 from frugallm.model import build_model
-from frugallm.model.layers import Linear
-from frugallm.model.layers import RMSNorm
+from frugallm.model.layers import Linear, RMSNorm
 from frugallm.model.moe import GroupedExperts, Router
 from frugallm.precision import Fp8GroupedExperts, Fp8Linear, Fp8Recipe, convert_to_fp8, fp8_module_names
 from shapes import FP8_SHRUNK_TINY
