@@ -8,10 +8,10 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from frugallm.data.curate_steps import TOKEN_RULE, write_json_atomic
+from frugallm.data.curate.steps import TOKEN_RULE, write_json_atomic
 
 if TYPE_CHECKING:
-    from frugallm.data.curate_recipe import Recipe
+    from frugallm.data.curate.recipe import Recipe
 
 STAGES = ("normalise", "quality", "exact_dedup", "near_dedup", "decontaminate")
 REPORT_FORMAT = 1

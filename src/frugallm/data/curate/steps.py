@@ -30,8 +30,8 @@ from datatrove.utils.lid import FastTextLID
 from datatrove.utils.text import ngrams, simplify_text
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from frugallm.data.curate_code import code_rejection, detect_kind
-from frugallm.data.curate_recipe import DecontaminateConfig, NearDedupConfig, QualityConfig, RunConfig
+from frugallm.data.curate.code import code_rejection, detect_kind
+from frugallm.data.curate.recipe import DecontaminateConfig, NearDedupConfig, QualityConfig, RunConfig
 from frugallm.errors import ConfigError
 
 TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]")
@@ -270,7 +270,7 @@ def _local_badwords_filter(cfg: Any) -> PipelineStep:
 
 def build_prose_filters(cfg: QualityConfig) -> list[tuple[str, PipelineStep]]:
     """The enabled prose filters in FineWeb's order: language, bad words, repetition, quality, C4, FineWeb."""
-    from frugallm.data.curate_recipe import _datatrove_filters
+    from frugallm.data.curate.recipe import datatrove_filters
 
     prose = cfg.prose
     out: list[tuple[str, PipelineStep]] = []
@@ -278,7 +278,7 @@ def build_prose_filters(cfg: QualityConfig) -> list[tuple[str, PipelineStep]]:
         out.append(("language", _local_language_filter(prose.language)))
     if prose.badwords.enabled:
         out.append(("badwords", _local_badwords_filter(prose.badwords)))
-    for name, cls in _datatrove_filters().items():
+    for name, cls in datatrove_filters().items():
         spec = getattr(prose, name)
         if spec.enabled:
             out.append((name, cls(language=prose.language_code, **spec.params)))

@@ -1,6 +1,6 @@
 """``frugallm curate``: raw documents in, a deduplicated, filtered, decontaminated corpus out, on datatrove.
 
-The stages (see ``curate_recipe``) run as datatrove pipelines ("passes"); each pass is handed to an executor
+The stages (see ``recipe``) run as datatrove pipelines ("passes"); each pass is handed to an executor
 (local processes, Slurm or Ray) with its own logging folder, whose completion markers make a rerun resume:
 
     pass               tasks   steps
@@ -37,9 +37,9 @@ from typing import Any
 
 from datatrove.executor.local import LocalPipelineExecutor
 
-from frugallm.data.curate_recipe import Recipe
-from frugallm.data.curate_report import load_meters, merge_report, write_report
-from frugallm.data.curate_steps import (
+from frugallm.data.curate.recipe import Recipe
+from frugallm.data.curate.report import load_meters, merge_report, write_report
+from frugallm.data.curate.steps import (
     DecontIndex,
     DecontStep,
     NearDupVerify,
