@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from frugallm import fsio
 from frugallm.cost.catalog import merged_entries
 from frugallm.errors import ConfigError
 
@@ -142,18 +142,6 @@ def _probe(dtype: Any, budget_s: float) -> float:
     return best
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cpu_peak_flops(dtype: Any = "fp32", *, refresh: bool = False, budget_s: float = 1.0) -> float:
     """Peak matmul FLOP/s of this CPU in ``dtype`` ('fp32', 'bf16', or a torch dtype), measured once and
     cached (module docstring). ``refresh`` measures again."""
@@ -179,7 +167,7 @@ def cpu_peak_flops(dtype: Any = "fp32", *, refresh: bool = False, budget_s: floa
     flops = _probe(torch_dtype, budget_s)
     cache[key] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
-        _write_json_atomic(path, cache)
+        fsio.write_json(path, cache, sort_keys=True)
     except OSError:
         pass  # a read-only home still gets the figure, just not cached
     return flops

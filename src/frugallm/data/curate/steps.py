@@ -30,6 +30,7 @@ from datatrove.utils.lid import FastTextLID
 from datatrove.utils.text import ngrams, simplify_text
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from frugallm import fsio
 from frugallm.data.curate.code import code_rejection, detect_kind
 from frugallm.data.curate.recipe import DecontaminateConfig, NearDedupConfig, QualityConfig, RunConfig
 from frugallm.errors import ConfigError
@@ -51,13 +52,9 @@ def text_changed(doc: DTDocument) -> None:
     doc.metadata.pop(_SIZE, None)
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write to a temporary name and rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Curation's JSON (plans, meters, reports): atomic, compact indent, text kept as written."""
+    fsio.write_json(path, data, indent=1, ensure_ascii=False)
 
 
 class Meter:
@@ -97,7 +94,7 @@ class Meter:
                 "reasons": dict(self.reasons), "examples": self.examples, "extra": dict(self.extra)}
 
     def save(self, meter_dir: str, rank: int) -> None:
-        write_json_atomic(Path(meter_dir) / self.stage / f"{rank:05d}.json", self.to_dict())
+        write_json(Path(meter_dir) / self.stage / f"{rank:05d}.json", self.to_dict())
 
 
 class CurateStep(PipelineStep):
@@ -153,7 +150,7 @@ class SourceReader(PipelineStep):
             path, spec = json.loads(line)
             for doc in iter_file(Path(path), spec, text_field=self.text_field, stats=stats):
                 yield DTDocument(text=doc.text, id=doc.id, metadata={"source": doc.source})
-        write_json_atomic(Path(self.meter_dir) / "source" / f"{rank:05d}.json", stats.as_dict())
+        write_json(Path(self.meter_dir) / "source" / f"{rank:05d}.json", stats.as_dict())
 
 
 class ShardReader(JsonlReader):
