@@ -79,7 +79,7 @@ def test_a_damaged_state_names_its_file(tmp_path: Path) -> None:
         load_checkpoint(path, model, opt)
 
 
-@pytest.mark.parametrize("where", ["optimizer.pt", "rng"])
+@pytest.mark.parametrize("where", ["optimizer.pt", "rng", "dcp-metadata"])
 def test_resume_refuses_a_planted_pickle_without_running_it(corpus_dir, tmp_path, capsys, where) -> None:
     run = tmp_path / "run"
     cfg = TrainConfig(data=[str(corpus_dir)], seq_len=16, batch_size=2, precision="fp32", time_budget_s=None,
@@ -90,6 +90,12 @@ def test_resume_refuses_a_planted_pickle_without_running_it(corpus_dir, tmp_path
     marker = tmp_path / "marker"
     if where == "optimizer.pt":
         torch.save({"state": {0: _WritesAFile(marker)}, "param_groups": []}, ckpt / "optimizer.pt")
+    elif where == "dcp-metadata":  # a sharded checkpoint's .metadata, which DCP reads with pickle.load
+        import pickle
+
+        state = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps({**state, "format": "dcp"}))
+        (ckpt / ".metadata").write_bytes(pickle.dumps(_WritesAFile(marker)))
     else:  # the RNG state of checkpoints written before it was JSON: base64 of a torch.save
         import base64
         import io
@@ -106,5 +112,5 @@ def test_resume_refuses_a_planted_pickle_without_running_it(corpus_dir, tmp_path
     assert not marker.exists()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
-    named = "optimizer.pt" if where == "optimizer.pt" else "state.json"
+    named = {"optimizer.pt": "optimizer.pt", "rng": "state.json", "dcp-metadata": ".metadata"}[where]
     assert lines[0].startswith("frugallm: error: ") and named in lines[0] and "refused" in lines[0], lines[0]

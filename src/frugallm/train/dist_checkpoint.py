@@ -13,10 +13,16 @@ a checkpoint written at one world size or (dp, ep) layout loads at another, incl
 reads full tensors into the plain model (``checkpoint.load_checkpoint`` hands such directories here). The
 other way round, a single-process checkpoint (``model.safetensors`` + ``optimizer.pt``) loads into a sharded
 model: every rank reads the full tensors and keeps its own shard.
+
+Reading is pickle-free where the user's files could run code: DCP unpickles ``.metadata`` with plain
+``pickle``, so ``check_metadata`` first reads it with an unpickler that admits only the classes DCP's
+metadata is made of; the ``*.distcp`` chunks DCP itself reads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import importlib
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -38,6 +44,44 @@ from frugallm.train.checkpoint_state import (
     rng_state,
     set_rng_state,
 )
+
+METADATA = ".metadata"
+# (module, names) DCP's metadata pickles refer to; None: any class defined in that module
+_METADATA_GLOBALS: dict[str, frozenset[str] | None] = {
+    "torch.distributed.checkpoint.metadata": None,
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "pathlib": frozenset({"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}),
+    "collections": frozenset({"OrderedDict"}),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch":  # torch.Size and the dtype, layout and memory-format constants
+            obj = getattr(torch, name, None)
+            if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        elif module in _METADATA_GLOBALS:  # checked before importing: an import can run code
+            allowed = _METADATA_GLOBALS[module]
+            obj = getattr(importlib.import_module(module), name, None)
+            if (name in allowed) if allowed is not None else (isinstance(obj, type) and obj.__module__ == module):
+                return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def check_metadata(path: Path) -> None:
+    """Read ``.metadata`` admitting only DCP's metadata classes, so that the ``pickle.load`` DCP then runs on
+    it cannot call anything else."""
+    file = Path(path) / METADATA
+    try:
+        with open(file, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused: {e} (a pickle that could run code when loaded)") from None
+    except Exception as e:  # missing, truncated
+        raise CheckpointError(f"{file}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                              ) from None
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -83,6 +127,7 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
 
     path = Path(path)
     state = read_state(path)
+    check_metadata(path)
     import torch.distributed as dist
 
     sds = _state_dicts(model, optimizer)
