@@ -36,13 +36,14 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
+
+from frugallm import fsio
 
 if TYPE_CHECKING:
     from frugallm.config import ModelConfig
@@ -248,10 +249,9 @@ def plot(fp8: Comparison, args: argparse.Namespace, path: Path, title: str,
     bottom.set_xlabel("step")
     bottom.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with fsio.atomic_path(path, suffix=".png") as tmp:  # never a half-written figure
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)  # never a half-written figure
 
 
 def control_kind(args: argparse.Namespace) -> str | None:
@@ -404,10 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                "peer_mean": headline.peer_mean, "fp8_mean": headline.other_mean,
                "control_rel_diff": headline_control.mean_rel if headline_control else None,
                "elapsed_s": round(time.perf_counter() - start, 1)}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = args.out_dir / "fp8_parity.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, args.out_dir / "fp8_parity.json")
+    fsio.write_json(args.out_dir / "fp8_parity.json", summary)
     print(f"wrote {args.out_dir / 'fp8_parity.png'}")
     per = ",".join(f"{100 * r['mean_rel_diff']:.3f}" for r in per_seed)
     print(f"RESULT fp8_rel_loss_diff_pct={100 * headline.mean_rel:.3f} window={args.window} "

@@ -1,9 +1,10 @@
 import os
-import random
 import warnings
 
 import pytest
 import torch
+
+from corpus import write_corpus
 
 # deterministic, and quiet on the 2-core CI machine
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -28,12 +29,5 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
-    """A small synthetic corpus with learnable structure: templated code-like documents."""
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    names = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
-    for i in range(240):
-        a, b = rng.choice(names), rng.choice(names)
-        body = "\n".join(f"    {a}_{j} = {b}({j}, {rng.randint(0, 9)})" for j in range(rng.randint(3, 9)))
-        (d / f"doc{i:03d}.py").write_text(f"def {a}_{b}_{i}(x):\n{body}\n    return {a}_0 + x\n")
-    return d
+    """A small synthetic corpus with learnable structure (``corpus.write_corpus``)."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))

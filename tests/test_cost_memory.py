@@ -27,6 +27,7 @@ from frugallm.kernels.policy import bucket_rows
 from frugallm.model import build_model
 from frugallm.precision import Fp8Recipe, convert_to_fp8
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
+from frugallm.serve.cache import BlockPool, CacheLayout, entry_width
 from shapes import COST_SMALL
 
 SMALL = COST_SMALL
@@ -310,8 +311,7 @@ def test_training_memory_breakdown() -> None:
 @pytest.mark.parametrize("changes", [{}, dict(attention="gqa", num_key_value_heads=1), dict(attention="mha")])
 def test_kv_cache_bytes_equal_the_serving_pool(changes) -> None:
     """What the serving engine's block pool allocates per token of context, built as the engine builds it."""
-    cache = pytest.importorskip("frugallm.serve.cache")
     cfg = ModelConfig(**{**SMALL, **changes})
-    layout = cache.CacheLayout(n_layers=cfg.num_hidden_layers, width=cache.entry_width(cfg), dtype=torch.bfloat16)
-    pool = cache.BlockPool(layout, block_size=4, n_blocks=3)
+    layout = CacheLayout(n_layers=cfg.num_hidden_layers, width=entry_width(cfg), dtype=torch.bfloat16)
+    pool = BlockPool(layout, block_size=4, n_blocks=3)
     assert pool.total_bytes / (3 * 4) == kv_cache_bytes_per_token(cfg, "bf16")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from datatrove.utils.text import simplify_text
 
-from frugallm.data.curate import curate
-from frugallm.data.curate_recipe import recipe_from_dict
+from frugallm.data.curate.pipeline import curate
+from frugallm.data.curate.recipe import recipe_from_dict
 from frugallm.data.sources import iter_documents
 from frugallm.errors import ConfigError, DataError
 

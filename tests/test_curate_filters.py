@@ -12,15 +12,15 @@ import pytest
 from datatrove.data import Document
 
 from frugallm.cli import main
-from frugallm.data.curate_code import code_rejection, detect_kind
-from frugallm.data.curate_recipe import (
+from frugallm.data.curate.code import code_rejection, detect_kind
+from frugallm.data.curate.recipe import (
     DEFAULT_RECIPE,
     CodeFilterConfig,
     Recipe,
     load_recipe,
     recipe_from_dict,
 )
-from frugallm.data.curate_steps import Meter, QualityStep
+from frugallm.data.curate.steps import Meter, QualityStep
 from frugallm.data.sources import iter_documents
 from frugallm.errors import ConfigError
 

@@ -117,12 +117,39 @@ def test_bias_updates_balance_load_without_changing_gate_values() -> None:
     assert moe.gate.e_score_correction_bias.abs().max() > 0
 
 
-def test_group_limited_routing_stays_in_topk_groups() -> None:
-    moe, x = _skewed_moe()
-    route = moe.gate(x.reshape(-1, 32))
-    groups = route.indices // 4  # 16 experts in 4 groups
-    for row in groups:
-        assert len(set(row.tolist())) <= 2
+def _reference_route(scores: list[float], bias: list[float], n_group: int, k: int) -> set[int]:
+    """Node-limited routing with one group kept, token by token in plain Python: the group whose two best
+    biased scores sum highest, then its k best biased scores."""
+    choice = [s + b for s, b in zip(scores, bias, strict=True)]
+    size = len(choice) // n_group
+    members = [list(range(g * size, (g + 1) * size)) for g in range(n_group)]
+    best = max(members, key=lambda m: sum(sorted((choice[e] for e in m), reverse=True)[:2]))
+    return set(sorted(best, key=lambda e: choice[e], reverse=True)[:k])
+
+
+def test_group_limited_routing_picks_the_reference_group_and_experts() -> None:
+    """16 experts in 4 groups, one group kept: each token's 2 experts lie in the group a brute-force reference
+    picks by the sum of its top-2 biased scores; a bias that changes the choice changes it the same way."""
+    cfg = ModelConfig(**{**SMALL, "n_routed_experts": 16, "num_experts_per_tok": 2, "n_group": 4,
+                         "topk_group": 1})
+    moe = build_model(cfg, dtype=torch.float64, seed=0).model.layers[1].mlp
+    x = torch.randn(256, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        moe.gate.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    scores = torch.sigmoid(x @ moe.gate.weight.T).tolist()
+    picked = {}
+    for name, bias in (("unbiased", [0.0] * 16), ("biased", [0.0] * 13 + [0.35, 0.0, 0.3])):
+        with torch.no_grad():
+            moe.gate.e_score_correction_bias.copy_(torch.tensor(bias))
+        route = moe.gate(x)
+        picked[name] = [set(row.tolist()) for row in route.indices]
+        want = [_reference_route(s, bias, 4, 2) for s in scores]
+        assert picked[name] == want, name
+        assert all(len({e // 4 for e in row}) == 1 for row in picked[name]), name
+    changed = sum(a != b for a, b in zip(picked["unbiased"], picked["biased"], strict=True))
+    assert changed > 64, changed  # the bias moved a good part of the tokens to group 3
+    # the unbiased routing spreads over every group, so the reference is not trivially "group 0"
+    assert {min(row) // 4 for row in picked["unbiased"]} == {0, 1, 2, 3}
 
 
 def test_gradcheck_moe_float64() -> None:

@@ -16,7 +16,7 @@ from frugallm.model import build_model
 from frugallm.model.hf import save_pretrained
 from frugallm.rundir import find_model, load_model
 from frugallm.serve.loading import load_for_serving
-from frugallm.train.checkpoint import load_run_model, save_checkpoint
+from frugallm.train.checkpoint import save_checkpoint
 from frugallm.train.config import TrainConfig
 from frugallm.train.runconfig import write_run_config
 from shapes import SERVE_TINY
@@ -53,7 +53,7 @@ def test_only_checkpoints_loads_the_newest_and_says_so(tmp_path, caplog) -> None
     assert "no final export" in caplog.text and "step_000020" in caplog.text
     assert torch.equal(torch.get_rng_state(), rng)  # the checkpoint's RNG state stays the run's
     assert codec.eos_ids == {0}  # tokenizer.json from the run's root
-    assert same_weights(load_run_model(root), newest)  # training's entry point reads it the same way
+    assert same_weights(load_model(root)[0], newest)  # training's entry point reads it the same way
 
 
 def test_a_final_export_wins_over_checkpoints(tmp_path) -> None:
@@ -63,7 +63,7 @@ def test_a_final_export_wins_over_checkpoints(tmp_path) -> None:
     save_pretrained(exported, root / "model", extra_files={"tokenizer.json": root / "tokenizer.json"})
     assert find_model(root).kind == "export"
     assert same_weights(load_for_serving(root)[0], exported)
-    assert same_weights(load_run_model(root), exported)
+    assert same_weights(load_model(root)[0], exported)
     model, source = load_model(root / "model")  # the export is itself an HF directory
     assert source.kind == "hf" and same_weights(model, exported)
 
@@ -75,7 +75,7 @@ def test_neither_a_run_nor_an_hf_directory(tmp_path) -> None:
         load_for_serving(tmp_path)
     checkpointed_run(tmp_path / "early", seeds=())  # a run that has written no checkpoint yet
     with pytest.raises(CheckpointError, match="neither a final export"):
-        load_run_model(tmp_path / "early")
+        load_model(tmp_path / "early")[0]
     root = tmp_path / "copied"
     checkpointed_run(root)
     (root / "config.toml").unlink()

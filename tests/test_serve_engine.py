@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from frugallm.config import ModelConfig, preset
-from frugallm.cost.memory import kv_cache_bytes
+from frugallm.cost.memory import kv_cache_bytes, kv_cache_bytes_per_token
 from frugallm.model import build_model
 from frugallm.serve.cache import BlockPool, CacheLayout, cache_bytes_per_token, chain_hash
 from frugallm.serve.engine import Engine, EngineConfig
@@ -121,9 +121,8 @@ def test_cache_holds_only_the_latent() -> None:
 @pytest.mark.parametrize("name, dtype", [("tiny", torch.float32), ("deepseek-v3", torch.bfloat16),
                                          ("tiny-dense", torch.bfloat16)])
 def test_cache_size_equals_the_cost_model(name: str, dtype: torch.dtype) -> None:
-    memory = pytest.importorskip("frugallm.cost.memory")
     cfg = preset(name)
-    assert cache_bytes_per_token(cfg, dtype) == memory.kv_cache_bytes_per_token(cfg, dtype)
+    assert cache_bytes_per_token(cfg, dtype) == kv_cache_bytes_per_token(cfg, dtype)
 
 
 def test_pool_allocates_what_the_cost_formula_says(mtp_model) -> None:

@@ -11,7 +11,7 @@ import sys
 AREAS = [
     "frugallm.info",
     "frugallm.data.cli",
-    "frugallm.data.curate_cli",
+    "frugallm.data.curate.cli",
     "frugallm.train.cli",
     "frugallm.cost.cli",
     "frugallm.serve.cli",

@@ -1,6 +1,6 @@
 """Reading a trained model from a directory: a frugallm run directory or a Hugging Face DeepSeek-V3 directory.
 The one reader behind serving (``serve.loading``), ``frugallm eval`` and the end-of-training sample
-(``train.checkpoint.load_run_model``); neither train nor serve owns it.
+(``train.sample``); neither train nor serve owns it.
 
 A run directory, as ``train.loop`` writes it:
     config.toml                  the resolved [model] and [train] tables

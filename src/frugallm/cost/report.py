@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from frugallm import fsio
 from frugallm.config import ModelConfig
 from frugallm.cost.flops import train_flops_per_token
 from frugallm.errors import ConfigError
@@ -86,16 +85,7 @@ def write_cost_json(run_dir: str | Path, record: dict[str, Any]) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / COST_FILE
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".cost.", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return fsio.write_json(path, record)
 
 
 def read_cost_json(run_dir: str | Path) -> dict[str, Any]:

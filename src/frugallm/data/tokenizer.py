@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from frugallm import fsio
 from frugallm.errors import ConfigError, DataError
 
 EOT = "<|endoftext|>"
@@ -127,14 +127,8 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
     """Write ``tokenizer.json`` atomically (temporary name in the same directory, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        tok.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with fsio.atomic_path(path) as tmp:
+        tok.save(str(tmp))
     return path
 
 
@@ -147,21 +141,14 @@ def write_hf_tokenizer(tokenizer_path: str | Path, out_dir: str | Path) -> None:
     out = Path(out_dir)
     save_tokenizer(tok, out / "tokenizer.json")
     if (src.parent / "tokenizer_config.json").is_file():  # a checkpoint's own config (bos, chat template) wins
-        _write_text_atomic(out / "tokenizer_config.json",
-                           (src.parent / "tokenizer_config.json").read_text(encoding="utf-8"))
+        fsio.write_text(out / "tokenizer_config.json",
+                        (src.parent / "tokenizer_config.json").read_text(encoding="utf-8"))
         return
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.id_to_token(eot),
               "pad_token": tok.id_to_token(pad), "bos_token": None, "unk_token": None,
               "clean_up_tokenization_spaces": False,  # byte-level text round-trips exactly; no space fixing
               "model_max_length": 1_000_000_000}
-    _write_text_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fsio.write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
 
 class ChunkEncoder:

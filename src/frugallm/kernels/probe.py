@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from frugallm import fsio
 from frugallm.errors import ConfigError
 from frugallm.kernels import gemm
 from frugallm.kernels.host import cpu_model
@@ -63,18 +63,6 @@ def _probe(dtype: torch.dtype, kernels: KernelPolicy, budget_s: float) -> float:
     return best
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cpu_peak_flops(dtype: Any = "fp32", *, kernels: KernelPolicy | None = None, refresh: bool = False,
                    budget_s: float = 1.0) -> float:
     """Peak matmul FLOP/s of this CPU in ``dtype`` ('fp32', 'bf16', 'fp16' or a torch dtype) on the GEMM
@@ -97,7 +85,7 @@ def cpu_peak_flops(dtype: Any = "fp32", *, kernels: KernelPolicy | None = None, 
     flops = _probe(torch_dtype, kernels, budget_s)
     cache[key] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
-        _write_json_atomic(path, cache)
+        fsio.write_json(path, cache, sort_keys=True)
     except OSError:
         pass  # a read-only home still gets the figure, just not cached
     return flops

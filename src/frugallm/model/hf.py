@@ -20,7 +20,6 @@ never held twice. ``save_pretrained`` writes the published layout (what transfor
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from frugallm import fsio
 from frugallm.config import ModelConfig
 from frugallm.errors import CheckpointError, ConfigError
 from frugallm.model.transformer import DeepseekV3LM, build_model
@@ -304,14 +304,7 @@ def save_pretrained(model: DeepseekV3LM, path: str | Path, dtype: torch.dtype | 
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         for fname, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / fname)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        fsio.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

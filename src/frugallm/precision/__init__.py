@@ -9,13 +9,13 @@ from frugallm.precision.backends import (
     select_backend,
 )
 from frugallm.precision.fp8 import (
-    Fp8Recipe,
     convert_to_fp8,
     fp8_module_names,
     update_recipes,
 )
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
 from frugallm.precision.quant import Fp8Tensor, dequantize, quantize, quantize_blocks, quantize_tiles
+from frugallm.precision.recipe import Fp8Recipe
 
 __all__ = [
     "BACKENDS", "EmulatedBackend", "Fp8Backend", "HopperBackend", "hopper_unavailable_reason",

@@ -32,7 +32,7 @@ token, since each expert's dW is its own GEMM.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,9 +41,7 @@ from frugallm.model.layers import swiglu
 from frugallm.model.moe import GroupedExperts
 from frugallm.precision.backends import Fp8Backend, select_backend
 from frugallm.precision.quant import E4M3, Fp8Tensor, quantize
-
-if TYPE_CHECKING:
-    from frugallm.precision.fp8 import Fp8Recipe
+from frugallm.precision.recipe import Fp8Recipe
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:

@@ -32,7 +32,6 @@ written after that, so sharing needs no copy-on-write.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from frugallm import fsio
 from frugallm.config import ModelConfig
 from frugallm.cost.memory import kv_cache_bytes, kv_cache_elements_per_layer
 from frugallm.errors import ResourceError
@@ -256,9 +256,8 @@ class DiskSpill:
         if h in self.files:
             return
         path = self._path(h)
-        tmp = path.with_suffix(".tmp")
-        save_file({"rows": rows.contiguous()}, str(tmp))
-        os.replace(tmp, path)  # a reader never sees half a block
+        with fsio.atomic_path(path) as tmp:  # a reader never sees half a block
+            save_file({"rows": rows.contiguous()}, str(tmp))
         self.files[h] = path.stat().st_size
         self.writes += 1
         if self.max_bytes is not None:

@@ -177,7 +177,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from frugallm.data.pack import prepare_corpus
-    from frugallm.train.checkpoint import load_run_model
+    from frugallm.rundir import load_model
     from frugallm.train.evaluate import evaluate, lzma_bpb
     from frugallm.train.runconfig import read_run_config
 
@@ -189,7 +189,7 @@ def run_eval(args: argparse.Namespace) -> int:
     corpus = prepare_corpus(data, vocab_size=model_cfg.vocab_size, tokenizer_path=run_dir / "tokenizer.json",
                             text_field=train_cfg.text_field, val_fraction=train_cfg.val_fraction,
                             progress=not args.json, cache_dir=run_dir.parent / ".cache" / "data")
-    model = load_run_model(run_dir)
+    model = load_model(run_dir)[0]
     res = evaluate(model, corpus, seq_len=train_cfg.seq_len, max_windows=args.max_windows)
     res["lzma_bpb"] = lzma_bpb(corpus)
     if args.json:

@@ -13,12 +13,16 @@ a checkpoint written at one world size or (dp, ep) layout loads at another, incl
 reads full tensors into the plain model (``checkpoint.load_checkpoint`` hands such directories here). The
 other way round, a single-process checkpoint (``model.safetensors`` + ``optimizer.pt``) loads into a sharded
 model: every rank reads the full tensors and keeps its own shard.
+
+Reading is pickle-free where the user's files could run code: DCP unpickles ``.metadata`` with plain
+``pickle``, so ``check_metadata`` first reads it with an unpickler that admits only the classes DCP's
+metadata is made of; the ``*.distcp`` chunks DCP itself reads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import importlib
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -27,17 +31,57 @@ from typing import Any
 import torch
 from torch import nn
 
+from frugallm import fsio
 from frugallm.errors import CheckpointError
-from frugallm.train.checkpoint import STATE, _rng_state, _set_rng_state, list_checkpoints
+from frugallm.train.checkpoint_state import (
+    SHARDED_FORMAT,
+    STATE,
+    is_sharded,
+    load_model_tensors,
+    load_tensor_file,
+    prune_checkpoints,
+    read_state,
+    rng_state,
+    set_rng_state,
+)
 
-FORMAT = "dcp"
+METADATA = ".metadata"
+# (module, names) DCP's metadata pickles refer to; None: any class defined in that module
+_METADATA_GLOBALS: dict[str, frozenset[str] | None] = {
+    "torch.distributed.checkpoint.metadata": None,
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "pathlib": frozenset({"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}),
+    "collections": frozenset({"OrderedDict"}),
+}
 
 
-def is_sharded(path: Path) -> bool:
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch":  # torch.Size and the dtype, layout and memory-format constants
+            obj = getattr(torch, name, None)
+            if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        elif module in _METADATA_GLOBALS:  # checked before importing: an import can run code
+            allowed = _METADATA_GLOBALS[module]
+            obj = getattr(importlib.import_module(module), name, None)
+            if (name in allowed) if allowed is not None else (isinstance(obj, type) and obj.__module__ == module):
+                return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def check_metadata(path: Path) -> None:
+    """Read ``.metadata`` admitting only DCP's metadata classes, so that the ``pickle.load`` DCP then runs on
+    it cannot call anything else."""
+    file = Path(path) / METADATA
     try:
-        return json.loads((Path(path) / STATE).read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError):
-        return False
+        with open(file, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused: {e} (a pickle that could run code when loaded)") from None
+    except Exception as e:  # missing, truncated
+        raise CheckpointError(f"{file}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                              ) from None
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -65,14 +109,11 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimize
     dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp))
     dist.barrier()
     if dist.is_main:
-        full = {**state, "step": step, "rng": _rng_state(), "complete": True, "format": FORMAT,
+        full = {**state, "step": step, "rng": rng_state(), "complete": True, "format": SHARDED_FORMAT,
                 "world_size": dist.world_size, "dp": dist.dp, "ep": dist.ep}
-        (tmp / STATE).write_text(json.dumps(full))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        fsio.write_json(tmp / STATE, full, indent=None)
+        fsio.replace_dir(tmp, final)
+        prune_checkpoints(run_dir, keep)
     dist.barrier()
     return final
 
@@ -85,10 +126,8 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     path = Path(path)
-    try:
-        state = json.loads((path / STATE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
+    state = read_state(path)
+    check_metadata(path)
     import torch.distributed as dist
 
     sds = _state_dicts(model, optimizer)
@@ -105,7 +144,7 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
         set_model_state_dict(model, sds["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optim"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"], path)
     return state
 
 
@@ -119,7 +158,6 @@ def load_single_into_sharded(path: Path, model: nn.Module, optimizer: torch.opti
     """A single-process checkpoint into a sharded model: each rank reads the full tensors and keeps its
     shard. ``optimizer.pt`` numbers parameters in the order the optimizer was built; this run's optimizer
     was built the same way over the same names, so position i of each group names parameter i."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -127,11 +165,8 @@ def load_single_into_sharded(path: Path, model: nn.Module, optimizer: torch.opti
     )
 
     path = Path(path)
-    try:
-        state = json.loads((path / STATE).read_text())
-        tensors = load_file(str(path / "model.safetensors"))
-    except Exception as e:  # safetensors raises its own types
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
+    state = read_state(path)
+    tensors = load_model_tensors(path)
     full = StateDictOptions(full_state_dict=True)
     try:
         set_model_state_dict(model, tensors, options=full)
@@ -139,7 +174,7 @@ def load_single_into_sharded(path: Path, model: nn.Module, optimizer: torch.opti
         raise CheckpointError(f"{path}: cannot load into the model ({str(e).splitlines()[0]}); was it "
                               f"written with another model configuration?") from None
     if optimizer is not None:
-        saved = torch.load(path / "optimizer.pt", weights_only=False)
+        saved = load_tensor_file(path / "optimizer.pt")
         names = {id(p): _clean_fqn(n) for n, p in model.named_parameters()}
         if len(saved["param_groups"]) != len(optimizer.param_groups):
             raise CheckpointError(f"{path}: the optimizer has {len(saved['param_groups'])} parameter groups, "
@@ -154,7 +189,7 @@ def load_single_into_sharded(path: Path, model: nn.Module, optimizer: torch.opti
                     by_name["state"][fqn] = saved["state"][idx]
             by_name["param_groups"].append({**g_saved, "params": fqns})
         set_optimizer_state_dict(model, optimizer, by_name, options=full)
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"], path)
     return state
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from frugallm import fsio
+
 
 def load_stats(loads: torch.Tensor) -> dict[str, Any]:
     """loads [n_moe_layers, E] -> per-layer max/mean load and experts that got no token."""
@@ -95,7 +97,8 @@ def write_plots(run_dir: Path) -> list[Path]:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(run_dir / "loss.png", dpi=100)
+        with fsio.atomic_path(run_dir / "loss.png", suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
         written.append(run_dir / "loss.png")
     with_load = [r for r in train if "load_max_over_mean" in r]
@@ -110,7 +113,8 @@ def write_plots(run_dir: Path) -> list[Path]:
         ax.set_title("expert load: max / mean (1 = balanced)")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        fig.savefig(run_dir / "expert_load.png", dpi=100)
+        with fsio.atomic_path(run_dir / "expert_load.png", suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
         written.append(run_dir / "expert_load.png")
     return written

@@ -3,13 +3,12 @@ fields). TOML has no null, so fields set to None are listed in each table's ``un
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from frugallm import fsio
 from frugallm.config import ModelConfig, model_config_from_table, read_toml
 from frugallm.errors import ConfigError
 from frugallm.train.config import TrainConfig
@@ -32,10 +31,7 @@ def _untable(t: dict[str, Any]) -> dict[str, Any]:
 
 def write_run_config(path: Path, model: ModelConfig, train: TrainConfig) -> None:
     text = tomli_w.dumps({"model": _table(model.to_dict()), "train": _table(train.to_dict())})
-    fd, tmp = tempfile.mkstemp(prefix=".config.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fsio.write_text(path, text)
 
 
 def read_run_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:

@@ -11,11 +11,11 @@ import torch
 def sample_text(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.8,
                 top_p: float = 0.95, seed: int = 0) -> str:
     from frugallm.data.tokenizer import load_tokenizer
-    from frugallm.train.checkpoint import load_run_model
+    from frugallm.rundir import load_model
 
     run_dir = Path(run_dir)
     tok = load_tokenizer(run_dir / "tokenizer.json")
-    model = load_run_model(run_dir).eval()
+    model = load_model(run_dir)[0].eval()
     ids = tok.encode(prompt).ids
     gen = torch.Generator().manual_seed(seed)
     limit = model.config.max_position_embeddings

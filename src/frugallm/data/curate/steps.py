@@ -30,8 +30,9 @@ from datatrove.utils.lid import FastTextLID
 from datatrove.utils.text import ngrams, simplify_text
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from frugallm.data.curate_code import code_rejection, detect_kind
-from frugallm.data.curate_recipe import DecontaminateConfig, NearDedupConfig, QualityConfig, RunConfig
+from frugallm import fsio
+from frugallm.data.curate.code import code_rejection, detect_kind
+from frugallm.data.curate.recipe import DecontaminateConfig, NearDedupConfig, QualityConfig, RunConfig
 from frugallm.errors import ConfigError
 
 TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]")
@@ -51,13 +52,9 @@ def text_changed(doc: DTDocument) -> None:
     doc.metadata.pop(_SIZE, None)
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write to a temporary name and rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Curation's JSON (plans, meters, reports): atomic, compact indent, text kept as written."""
+    fsio.write_json(path, data, indent=1, ensure_ascii=False)
 
 
 class Meter:
@@ -97,7 +94,7 @@ class Meter:
                 "reasons": dict(self.reasons), "examples": self.examples, "extra": dict(self.extra)}
 
     def save(self, meter_dir: str, rank: int) -> None:
-        write_json_atomic(Path(meter_dir) / self.stage / f"{rank:05d}.json", self.to_dict())
+        write_json(Path(meter_dir) / self.stage / f"{rank:05d}.json", self.to_dict())
 
 
 class CurateStep(PipelineStep):
@@ -153,7 +150,7 @@ class SourceReader(PipelineStep):
             path, spec = json.loads(line)
             for doc in iter_file(Path(path), spec, text_field=self.text_field, stats=stats):
                 yield DTDocument(text=doc.text, id=doc.id, metadata={"source": doc.source})
-        write_json_atomic(Path(self.meter_dir) / "source" / f"{rank:05d}.json", stats.as_dict())
+        write_json(Path(self.meter_dir) / "source" / f"{rank:05d}.json", stats.as_dict())
 
 
 class ShardReader(JsonlReader):
@@ -270,7 +267,7 @@ def _local_badwords_filter(cfg: Any) -> PipelineStep:
 
 def build_prose_filters(cfg: QualityConfig) -> list[tuple[str, PipelineStep]]:
     """The enabled prose filters in FineWeb's order: language, bad words, repetition, quality, C4, FineWeb."""
-    from frugallm.data.curate_recipe import _datatrove_filters
+    from frugallm.data.curate.recipe import datatrove_filters
 
     prose = cfg.prose
     out: list[tuple[str, PipelineStep]] = []
@@ -278,7 +275,7 @@ def build_prose_filters(cfg: QualityConfig) -> list[tuple[str, PipelineStep]]:
         out.append(("language", _local_language_filter(prose.language)))
     if prose.badwords.enabled:
         out.append(("badwords", _local_badwords_filter(prose.badwords)))
-    for name, cls in _datatrove_filters().items():
+    for name, cls in datatrove_filters().items():
         spec = getattr(prose, name)
         if spec.enabled:
             out.append((name, cls(language=prose.language_code, **spec.params)))

@@ -8,10 +8,11 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from frugallm.data.curate_steps import TOKEN_RULE, write_json_atomic
+from frugallm import fsio
+from frugallm.data.curate.steps import TOKEN_RULE, write_json
 
 if TYPE_CHECKING:
-    from frugallm.data.curate_recipe import Recipe
+    from frugallm.data.curate.recipe import Recipe
 
 STAGES = ("normalise", "quality", "exact_dedup", "near_dedup", "decontaminate")
 REPORT_FORMAT = 1
@@ -183,20 +184,19 @@ def write_funnel_png(report: dict[str, Any], path: str | os.PathLike) -> None:
     fig.suptitle(f"frugallm curate: {report['source']['documents']:,} -> {report['output']['documents']:,} documents,"
                  f" {t['seconds']:.0f} s, {t['docs_per_second'] or 0:,.0f} docs/s", fontsize=10)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with fsio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(root: str | os.PathLike, report: dict[str, Any]) -> None:
     from rich.console import Console
 
     root = Path(root)
-    write_json_atomic(root / "report.json", report)
+    write_json(root / "report.json", report)
     console = Console(record=True, width=140, file=open(os.devnull, "w"))  # noqa: SIM115
     for part in render(report):
         console.print(part)
-    (root / "report.txt").write_text(console.export_text(), encoding="utf-8")
+    fsio.write_text(root / "report.txt", console.export_text())
     console.file.close()
     write_funnel_png(report, root / "funnel.png")

@@ -1,6 +1,6 @@
 """``frugallm curate``: raw documents in, a deduplicated, filtered, decontaminated corpus out, on datatrove.
 
-The stages (see ``curate_recipe``) run as datatrove pipelines ("passes"); each pass is handed to an executor
+The stages (see ``recipe``) run as datatrove pipelines ("passes"); each pass is handed to an executor
 (local processes, Slurm or Ray) with its own logging folder, whose completion markers make a rerun resume:
 
     pass               tasks   steps
@@ -37,9 +37,9 @@ from typing import Any
 
 from datatrove.executor.local import LocalPipelineExecutor
 
-from frugallm.data.curate_recipe import Recipe
-from frugallm.data.curate_report import load_meters, merge_report, write_report
-from frugallm.data.curate_steps import (
+from frugallm.data.curate.recipe import Recipe
+from frugallm.data.curate.report import load_meters, merge_report, write_report
+from frugallm.data.curate.steps import (
     DecontIndex,
     DecontStep,
     NearDupVerify,
@@ -53,7 +53,7 @@ from frugallm.data.curate_steps import (
     final_writer,
     word_tokenizer,
     work_writer,
-    write_json_atomic,
+    write_json,
 )
 from frugallm.errors import ConfigError, DataError
 
@@ -126,7 +126,7 @@ def _prepare(out: Path, inputs: Sequence[str] | None, recipe: Recipe, workers: i
     with open(layout.root / "inputs.jsonl", "w", encoding="utf-8") as f:
         for path, spec in files:
             f.write(json.dumps([path, spec]) + "\n")
-    write_json_atomic(plan_path, plan)
+    write_json(plan_path, plan)
     return layout, plan, False
 
 
@@ -323,7 +323,7 @@ def _submit_slurm(layout: Layout, passes: list[Pass], workers: int, recipe: Reci
         executors.append(previous)
     previous.run()  # launches its dependencies first, each after the one before it
     job_ids = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]
-    write_json_atomic(marker, {"time": time.time(), "job_ids": job_ids})
+    write_json(marker, {"time": time.time(), "job_ids": job_ids})
     return {**status, "job_ids": job_ids}
 
 
@@ -386,7 +386,7 @@ def curate(inputs: Sequence[str] | None, out: str | os.PathLike = DEFAULT_OUT, *
                 finally:
                     sys.stderr = saved_stderr
                 timings[p.name] = timings.get(p.name, 0.0) + time.perf_counter() - t0
-                write_json_atomic(timings_path, timings)
+                write_json(timings_path, timings)
                 if _incomplete(layout, p):
                     raise DataError(f"pass {p.name}: {_incomplete(layout, p)} tasks did not complete; "
                                     f"see {layout.logs(p.name)}/logs and run the command again to resume")

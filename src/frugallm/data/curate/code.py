@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from frugallm.data.curate_recipe import CodeFilterConfig
+from frugallm.data.curate.recipe import CodeFilterConfig
 
 CODE_EXTENSIONS = frozenset(
     ".py .pyi .pyx .c .h .cc .cpp .cxx .hpp .hh .cu .cuh .m .mm .java .kt .kts .scala .groovy .go .rs .swift "

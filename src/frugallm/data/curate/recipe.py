@@ -1,7 +1,7 @@
 """The curation recipe: which stages run and with which thresholds.
 
 A recipe is a TOML file whose tables mirror the dataclasses below; every field is optional and a missing one
-keeps its default. ``curate_default.toml`` (shipped beside this file) lists every field with its default and
+keeps its default. ``default.toml`` (shipped beside this file) lists every field with its default and
 the reason for it; ``frugallm curate --print-recipe`` prints it. Unknown fields and wrong types are errors that
 name the field, so a typo never silently falls back to a default.
 
@@ -28,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-DEFAULT_RECIPE = Path(__file__).with_name("curate_default.toml")
+DEFAULT_RECIPE = Path(__file__).with_name("default.toml")
 KINDS = ("auto", "code", "prose")
 OUTPUT_FORMATS = ("jsonl.gz", "parquet")
 WORD_TOKENIZERS = ("whitespace", "spacy")
@@ -124,7 +124,7 @@ class CodeFilterConfig:
         self.generated_markers = tuple(m.lower() for m in self.generated_markers)
 
 
-def _datatrove_filters() -> dict[str, type]:
+def datatrove_filters() -> dict[str, type]:
     from datatrove.pipeline.filters.c4_filters import C4QualityFilter
     from datatrove.pipeline.filters.fineweb_quality_filter import FineWebQualityFilter
     from datatrove.pipeline.filters.gopher_quality_filter import GopherQualityFilter
@@ -170,7 +170,7 @@ class ProseFiltersConfig:
     fineweb: DatatroveFilterConfig = field(default_factory=DatatroveFilterConfig)
 
     def __post_init__(self) -> None:
-        classes = _datatrove_filters()
+        classes = datatrove_filters()
         for name, cls in classes.items():
             spec: DatatroveFilterConfig = getattr(self, name)
             allowed = [p for p in inspect.signature(cls.__init__).parameters

@@ -1,19 +1,19 @@
-"""``frugallm curate [INPUT ...] --out DIR``: see ``frugallm.data.curate``."""
+"""``frugallm curate [INPUT ...] --out DIR``: see ``frugallm.data.curate.pipeline``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from frugallm.data.curate_recipe import DEFAULT_RECIPE
+from frugallm.data.curate.recipe import DEFAULT_RECIPE
 
 
 def run_curate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from frugallm.data.curate import curate
-    from frugallm.data.curate_recipe import load_recipe
-    from frugallm.data.curate_report import render
+    from frugallm.data.curate.pipeline import curate
+    from frugallm.data.curate.recipe import load_recipe
+    from frugallm.data.curate.report import render
 
     if args.print_recipe:
         print(DEFAULT_RECIPE.read_text(encoding="utf-8"), end="")
