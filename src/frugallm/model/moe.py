@@ -32,7 +32,6 @@ returned unweighted (mean over the sequences); the training loop multiplies it b
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -105,15 +104,6 @@ class GroupedExperts(nn.Module):
         self.n_experts, self.intermediate = n_experts, intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
-
-    @property
-    def use_grouped_mm(self) -> bool:
-        # precision/fp8_linear.py's from_experts copies this; the policy's field is the one that counts
-        return self.kernels.grouped_mm
-
-    @use_grouped_mm.setter
-    def use_grouped_mm(self, on: bool) -> None:
-        self.kernels = replace(self.kernels, grouped_mm=on)
 
     def run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [M, H] sorted by expert, counts [E]: apply each expert to its contiguous slice -> [M, H]."""

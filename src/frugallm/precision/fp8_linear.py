@@ -168,7 +168,7 @@ class Fp8GroupedExperts(GroupedExperts):
             new = cls(experts.n_experts, experts.gate_up_proj.shape[-1], experts.intermediate)
         new.gate_up_proj = experts.gate_up_proj
         new.down_proj = experts.down_proj
-        new.use_grouped_mm = experts.use_grouped_mm
+        new.kernels = experts.kernels
         new.recipe = recipe
         return new
 
