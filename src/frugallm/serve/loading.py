@@ -5,14 +5,14 @@ renders chat messages.
 Where things are looked for, given PATH:
     model       PATH/model/config.json (a run directory) or PATH/config.json (an HF directory)
     tokenizer   tokenizer.json in the model directory, else in PATH
-    chat        ``chat_template`` in tokenizer_config.json (Jinja, as transformers renders it); without one,
-                the default template below
+    chat        ``chat_template`` in tokenizer_config.json or chat_template.jinja (Jinja, as transformers
+                renders it), else the default template; ``frugallm.data.chat`` renders it, as for training
     EOS         tokenizer_config.json ``eos_token``; else a special token named like an end of text
                 (``<|endoftext|>``, ``</s>``, ``<eos>``, DeepSeek's end of sentence); else generation_config.json
                 ``eos_token_id`` when that id is a special token of the tokenizer
 
-Default chat template (for models trained without one): each message becomes ``<|ROLE|>\\nCONTENT\\n`` and the
-prompt ends with ``<|assistant|>\\n``; generation stops at the next ``<|user|>`` or ``<|system|>`` marker.
+Default chat template (for models trained without one): see ``frugallm.data.chat``; an assistant turn ends with
+EOS, and generation also stops at the next ``<|user|>`` or ``<|system|>`` marker.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from frugallm.data.chat import ChatTemplate, ChatTemplateError, template_source
 from frugallm.errors import CheckpointError
 from frugallm.model.transformer import DeepseekV3LM
 from frugallm.serve.sampling import RequestError
 
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<｜end▁of▁sentence｜>", "<|end_of_text|>", "<|im_end|>")
 ROLES = ("system", "user", "assistant", "tool", "developer")
-DEFAULT_CHAT_STOPS = ("<|user|>", "<|system|>")
 
 
 def _token_text(v: Any) -> str | None:
@@ -86,12 +86,8 @@ class Codec:
             for i in ids if isinstance(ids, list) else [ids]:
                 if isinstance(i, int) and i in special.values():
                     eos_ids.add(i)
-        template = tcfg.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
         return cls(tokenizer, eos_token=eos, bos_token=bos, eos_ids=eos_ids,
-                   chat_template=template if isinstance(template, str) else None)
+                   chat_template=template_source(tok_file.parent, tcfg))
 
     @property
     def vocab_size(self) -> int:
@@ -103,36 +99,23 @@ class Codec:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    # ----- chat ---------------------------------------------------------------------------------------
+    # ----- chat: rendered by frugallm.data.chat, the renderer training uses -----------------------------
     @property
     def chat_stops(self) -> tuple[str, ...]:
-        """Stop strings a chat request gets by default: the default template's turn markers."""
-        return () if self.chat_template else DEFAULT_CHAT_STOPS
+        """Stop strings a chat request gets besides the EOS ids: the default template's turn markers."""
+        return self._chat().stops
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """The prompt text for a list of ``{"role", "content"}`` messages, ending where the assistant speaks."""
-        if self.chat_template is None:
-            return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-        if self._compiled is None:
-            from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message: str) -> None:
-                raise RequestError(f"chat template: {message}", param="messages")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            try:
-                self._compiled = env.from_string(self.chat_template)
-            except TemplateError as e:
-                raise CheckpointError(f"tokenizer_config.json chat_template does not compile: {e}") from None
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except RequestError:
-            raise
-        except Exception as e:  # a template failing on unusual messages is the request's problem
-            raise RequestError(f"the chat template could not render these messages: {e}", param="messages") from None
+            return self._chat().render(messages, add_generation_prompt=True)
+        except ChatTemplateError as e:  # a template failing on these messages is the request's problem
+            raise RequestError(str(e), param="messages") from None
+
+    def _chat(self) -> ChatTemplate:
+        if self._compiled is None:
+            self._compiled = ChatTemplate(self.chat_template, bos_token=self.bos_token, eos_token=self.eos_token)
+        return self._compiled
 
 
 def model_dir(path: str | Path) -> Path:
