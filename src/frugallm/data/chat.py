@@ -57,6 +57,7 @@ DEFAULT_TEMPLATE = (
 )
 DEFAULT_CHAT_STOPS = ("<|user|>", "<|system|>")
 TEMPLATE_FILE = "chat_template.jinja"
+ROLES = ("system", "user", "assistant", "tool", "developer")  # the OpenAI chat roles
 TrainOn = Literal["assistant", "last", "all"]
 TRAIN_ON = ("assistant", "last", "all")
 
