@@ -37,7 +37,6 @@ each row, for comparison; the same tokens are trained either way.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -48,6 +47,7 @@ from typing import Any, Literal
 import torch
 from tokenizers import Tokenizer
 
+from frugallm.data import sources
 from frugallm.data.chat import (
     ROLES,
     TRAIN_ON,
@@ -211,8 +211,8 @@ def split_key(row: dict[str, Any]) -> str:
 
 
 def is_validation(row: dict[str, Any], fraction: float) -> bool:
-    digest = hashlib.sha1(split_key(row).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2.0 ** 64
+    """The rule ``data.sources`` splits documents by, on the row's group or content."""
+    return sources.is_validation(sources.Document(id="", text=split_key(row), source=""), fraction)
 
 
 def encode_row(row: dict[str, Any], kind: str, tokenizer: Tokenizer, template: ChatTemplate,
