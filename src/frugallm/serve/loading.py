@@ -6,14 +6,14 @@ Where things are looked for, given PATH:
     model       ``frugallm.rundir``: PATH/model (a run's export), PATH (an HF directory), else the run's newest
                 checkpoint
     tokenizer   tokenizer.json in the model directory, else in PATH
-    chat        ``chat_template`` in tokenizer_config.json (Jinja, as transformers renders it); without one,
-                the default template below
+    chat        ``chat_template`` in tokenizer_config.json or chat_template.jinja (Jinja, as transformers
+                renders it), else the default template; ``frugallm.data.chat`` renders it, as for training
     EOS         the tokenizer's end of text as packing finds it (``data.tokenizer.end_of_text``: tokenizer_config.json
                 ``eos_token``, else a token named in ``EOT_NAMES``); else generation_config.json ``eos_token_id``
                 when that id is a special token of the tokenizer
 
-Default chat template (for models trained without one): each message becomes ``<|ROLE|>\\nCONTENT\\n`` and the
-prompt ends with ``<|assistant|>\\n``; generation stops at the next ``<|user|>`` or ``<|system|>`` marker.
+Default chat template (for models trained without one): see ``frugallm.data.chat``; an assistant turn ends with
+EOS, and generation also stops at the next ``<|user|>`` or ``<|system|>`` marker.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from frugallm.data.chat import ChatTemplate, ChatTemplateError, template_source
 from frugallm.data.tokenizer import config_token, end_of_text
 from frugallm.errors import CheckpointError
 from frugallm.model.transformer import DeepseekV3LM
@@ -32,7 +33,6 @@ from frugallm.rundir import load_model
 from frugallm.serve.sampling import RequestError
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
-DEFAULT_CHAT_STOPS = ("<|user|>", "<|system|>")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -78,12 +78,8 @@ class Codec:
             for i in ids if isinstance(ids, list) else [ids]:
                 if isinstance(i, int) and i in special:
                     eos_ids.add(i)
-        template = tcfg.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
         return cls(tokenizer, eos_token=eos, bos_token=bos, eos_ids=eos_ids,
-                   chat_template=template if isinstance(template, str) else None)
+                   chat_template=template_source(tok_file.parent, tcfg))
 
     @property
     def vocab_size(self) -> int:
@@ -95,36 +91,23 @@ class Codec:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    # ----- chat ---------------------------------------------------------------------------------------
+    # ----- chat: rendered by frugallm.data.chat, the renderer training uses -----------------------------
     @property
     def chat_stops(self) -> tuple[str, ...]:
-        """Stop strings a chat request gets by default: the default template's turn markers."""
-        return () if self.chat_template else DEFAULT_CHAT_STOPS
+        """Stop strings a chat request gets besides the EOS ids: the default template's turn markers."""
+        return self._chat().stops
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """The prompt text for a list of ``{"role", "content"}`` messages, ending where the assistant speaks."""
-        if self.chat_template is None:
-            return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-        if self._compiled is None:
-            from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message: str) -> None:
-                raise RequestError(f"chat template: {message}", param="messages")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            try:
-                self._compiled = env.from_string(self.chat_template)
-            except TemplateError as e:
-                raise CheckpointError(f"tokenizer_config.json chat_template does not compile: {e}") from None
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except RequestError:
-            raise
-        except Exception as e:  # a template failing on unusual messages is the request's problem
-            raise RequestError(f"the chat template could not render these messages: {e}", param="messages") from None
+            return self._chat().render(messages, add_generation_prompt=True)
+        except ChatTemplateError as e:  # a template failing on these messages is the request's problem
+            raise RequestError(str(e), param="messages") from None
+
+    def _chat(self) -> ChatTemplate:
+        if self._compiled is None:
+            self._compiled = ChatTemplate(self.chat_template, bos_token=self.bos_token, eos_token=self.eos_token)
+        return self._compiled
 
 
 def load_for_serving(path: str | Path, device: str | torch.device = "cpu",

@@ -1,0 +1,1 @@
+"""frugallm.tune: adapting open weights (supervised fine-tuning data in ``sft``)."""
