@@ -196,7 +196,7 @@ class ChatTemplate:
     def write(self, directory: str | Path) -> Path:
         """Record this template in ``directory/tokenizer_config.json`` (created or updated, atomically), so a
         run renders conversations for serving exactly as it did for training. Returns the config path."""
-        from frugallm.data.tokenizer import _write_text_atomic
+        from frugallm import fsio
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ class ChatTemplate:
             if value and not _token_text(cfg.get(key)):
                 cfg[key] = value
         path = directory / "tokenizer_config.json"
-        _write_text_atomic(path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        fsio.write_text(path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         return path
 
 

@@ -124,11 +124,11 @@ class SFTReport:
         return d
 
     def write(self, path: str | Path) -> Path:
-        from frugallm.data.tokenizer import _write_text_atomic
+        from frugallm import fsio
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(path, json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n")
+        fsio.write_text(path, json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n")
         return path
 
     def format(self) -> str:
