@@ -5,7 +5,7 @@ numerics of training (an init, the optimizer, the loss, the router, the data ord
 
 The run is in float64, so the curve does not depend on the host. Hosts differ between sessions (AMD EPYC with
 AVX2 or AVX-512, Intel Xeon with AMX), and float32 GEMMs go to MKL or oneDNN by vendor and by
-``FRUGALLM_CPU_GEMM``; their roundings differ at about 1e-7 relative and a few dozen steps amplify that. In
+the kernel policy (``FRUGALLM_KERNELS=gemm=...``); their roundings differ at about 1e-7 relative and a few dozen steps amplify that. In
 float64 those differences are about 1e-16; what stays float32 by design (the router's logits, RoPE's angles)
 rounds identically wherever IEEE float32 is. ``TOLERANCE`` is set from measured spreads (below it).
 
