@@ -47,6 +47,14 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def reject_unknown_fields(cls: type, d: dict[str, Any], what: str) -> None:
+    """A ``ConfigError`` naming the keys of ``d`` that are not fields of the dataclass ``cls``, and the
+    allowed ones: the one check every config table's ``from_dict`` makes."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    _require(not unknown, f"unknown {what} field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     # vocabulary and trunk
@@ -210,10 +218,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        _require(not unknown, f"unknown model config field(s): {', '.join(unknown)}; "
-                 f"allowed: {', '.join(sorted(known))}")
+        reject_unknown_fields(cls, d, "model config")
         try:
             return cls(**d)
         except TypeError as e:  # wrong types surface as TypeError from arithmetic in validation

@@ -4,9 +4,10 @@ because both the conversion (``fp8.py``) and the modules it installs (``fp8_line
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from frugallm.config import reject_unknown_fields
 from frugallm.errors import ConfigError
 from frugallm.precision.backends import BACKENDS
 
@@ -40,10 +41,7 @@ class Fp8Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fp8Recipe:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown fp8 field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        reject_unknown_fields(cls, d, "fp8")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from frugallm.config import reject_unknown_fields
 from frugallm.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
@@ -125,10 +126,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown train config field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        reject_unknown_fields(cls, d, "train config")
         try:
             return cls(**d)
         except TypeError as e:
