@@ -94,10 +94,38 @@ class Router(nn.Module):
         return RouterOutput(indices, gates * self.scaling, scores)
 
 
+class ExpertGroups(NamedTuple):
+    """How the sorted rows split among the experts, as one ``GroupedExperts.group`` call laid them out."""
+
+    sizes: list[int]  # rows of each expert's contiguous slice (bucket-padded where the policy pads)
+    offs: torch.Tensor | None  # [E] int32 end offsets for ``torch._grouped_mm``; None: one GEMM per expert
+    dest: torch.Tensor | None  # [M] each real row's padded row (``from_buckets``), None when unpadded
+
+
+def grouped_linear(xs: torch.Tensor, weight: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """Each expert's rows times its matrix: xs [rows, K] laid out by ``groups``, weight [E, N, K] -> [rows, N]:
+    one grouped GEMM where ``groups.offs`` is set, else one GEMM per expert. LoRA's adapters and the
+    experts' own weights both go through here."""
+    if groups.offs is not None:
+        return torch._grouped_mm(xs, weight.transpose(-2, -1), offs=groups.offs)
+    outs = []
+    # unbind, not weight[e]: the backward of one unbind is one stack, where E selects would each allocate
+    # and add a zero gradient of the whole stacked weight
+    for chunk, w in zip(xs.split(groups.sizes), weight.unbind(0), strict=True):
+        if chunk.shape[0]:
+            outs.append(F.linear(chunk, w))  # [m_e, N]
+    return torch.cat(outs) if outs else xs.new_zeros(0, weight.shape[1])
+
+
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored as stacked weights, run on tokens sorted by expert."""
+    """E SwiGLU experts stored as stacked weights, run on tokens sorted by expert.
+
+    ``run_sorted`` is ``group`` (the layout of the rows), then ``project`` twice with the SwiGLU between:
+    subclasses change how one projection runs (FP8 GEMMs, a LoRA adapter beside the frozen weight, frozen
+    e4m3 weights) by overriding ``project`` and, if their GEMMs want other rows, ``group``."""
 
     kernels = KernelPolicy()  # grouped GEMM or row buckets (``frugallm.kernels``); build_model sets the model's
+    PROJECTIONS = ("gate_up_proj", "down_proj")
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int):
         super().__init__()
@@ -105,26 +133,33 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
 
+    @property
+    def hidden(self) -> int:
+        return self.down_proj.shape[1]
+
+    def compute_dtype(self, xs: torch.Tensor) -> torch.dtype:
+        dev = xs.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype
+
+    def group(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ExpertGroups]:
+        """xs [M, H] sorted by expert, counts [E] -> the rows the GEMMs run on and their layout: as they are
+        for one grouped GEMM (bf16 on CUDA), else padded to bucket sizes where the policy pads."""
+        if grouped_mm_applies(xs, self.kernels):
+            return xs, ExpertGroups(counts.tolist(), counts.cumsum(0).to(torch.int32), None)
+        rows, sizes, dest = to_buckets(xs, counts, self.kernels)  # [rows, H], rows >= M where padded
+        return rows, ExpertGroups(sizes, None, dest)
+
+    def project(self, xs: torch.Tensor, which: str, groups: ExpertGroups) -> torch.Tensor:
+        """One projection (``which`` in PROJECTIONS) of every expert's rows: [rows, K] -> [rows, N]."""
+        return grouped_linear(xs, getattr(self, which).to(xs.dtype), groups)
+
     def run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [M, H] sorted by expert, counts [E]: apply each expert to its contiguous slice -> [M, H]."""
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if torch.is_autocast_enabled(xs.device.type):
-            dtype = torch.get_autocast_dtype(xs.device.type)
-            xs, gate_up, down = xs.to(dtype), gate_up.to(dtype), down.to(dtype)
-        if grouped_mm_applies(xs, self.kernels):
-            offs = counts.cumsum(0).to(torch.int32)  # [E] end offset of each expert's slice
-            h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [M, 2*I_m]
-            return torch._grouped_mm(swiglu(h), down.transpose(-2, -1), offs=offs)  # [M, H]
-        xs, sizes, dest = to_buckets(xs, counts, self.kernels)  # [rows, H], rows >= M where padded
-        outs = []
-        # unbind, not gate_up[e]: the backward of one unbind is one stack, where E selects would each
-        # allocate and add a zero gradient of the whole stacked weight
-        for chunk, w_gu, w_d in zip(xs.split(sizes), gate_up.unbind(0), down.unbind(0), strict=True):
-            if chunk.shape[0] == 0:
-                continue
-            outs.append(F.linear(swiglu(F.linear(chunk, w_gu)), w_d))  # [m_e, 2*I_m] -> [m_e, H]
-        ys = torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
-        return from_buckets(ys, dest)  # [M, H]
+        xs = xs.to(self.compute_dtype(xs))
+        rows, groups = self.group(xs, counts)
+        h = self.project(rows, "gate_up_proj", groups)  # [rows, 2*I_m]
+        ys = self.project(swiglu(h), "down_proj", groups)  # [rows, H]
+        return from_buckets(ys, groups.dest)  # [M, H]
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [N, H], indices/gates [N, k] -> sum_j gates[:, j] * expert_{indices[:, j]}(x)  [N, H]."""

@@ -37,8 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from frugallm.model.layers import swiglu
-from frugallm.model.moe import GroupedExperts
+from frugallm.model.moe import ExpertGroups, GroupedExperts
 from frugallm.precision.backends import Fp8Backend, select_backend
 from frugallm.precision.quant import E4M3, Fp8Tensor, quantize
 from frugallm.precision.recipe import Fp8Recipe
@@ -157,7 +156,7 @@ class Fp8Linear(nn.Linear):
 
 
 class Fp8GroupedExperts(GroupedExperts):
-    """``GroupedExperts`` whose ``run_sorted`` runs the expert GEMMs in FP8; the SwiGLU between them stays
+    """``GroupedExperts`` whose ``project`` runs the expert GEMMs in FP8; the SwiGLU between them stays
     in the activation dtype. Same stacked parameters (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``)."""
 
     recipe: Fp8Recipe
@@ -172,16 +171,23 @@ class Fp8GroupedExperts(GroupedExperts):
         new.recipe = recipe
         return new
 
-    def run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs [M, H] sorted by expert, counts [E] -> [M, H]."""
+    def compute_dtype(self, xs: torch.Tensor) -> torch.dtype:
+        return xs.dtype  # the GEMMs quantize their operands themselves; no cast to the autocast dtype first
+
+    def group(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ExpertGroups]:
+        # one host sync, as the unconverted per-expert loop; FP8 tiles start at each expert's first row, so
+        # no bucket padding
+        return xs, ExpertGroups(counts.tolist(), None, None)
+
+    def project(self, xs: torch.Tensor, which: str, groups: ExpertGroups) -> torch.Tensor:
+        """[M, K] -> [M, N] with e4m3 operands, the output in the autocast dtype (else the input's)."""
         out_dtype = _out_dtype(xs)
+        weight = getattr(self, which)
         if xs.shape[0] == 0:
-            return xs.new_zeros(0, xs.shape[-1], dtype=out_dtype)
+            return xs.new_zeros(0, weight.shape[1], dtype=out_dtype)
         r = self.recipe
         backend = select_backend(r.backend, xs.device, r.tile, r.block)
-        sizes = counts.tolist()  # one host sync, as the unconverted per-expert loop
-        h = _Fp8GemmFn.apply(xs, self.gate_up_proj, sizes, r, backend, out_dtype)  # [M, 2I]
-        return _Fp8GemmFn.apply(swiglu(h), self.down_proj, sizes, r, backend, out_dtype)  # [M, H]
+        return _Fp8GemmFn.apply(xs, weight, groups.sizes, r, backend, out_dtype)
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, fp8={self.recipe.describe()}"
