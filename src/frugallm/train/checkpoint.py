@@ -33,10 +33,13 @@ from frugallm.train.dist_checkpoint import load_sharded_checkpoint
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int = 3) -> Path:
+                    state: dict[str, Any], keep: int = 3, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """``tensors``: what to keep of the model (a LoRA run keeps its adapters and the frozen base is read
+    again from where it came from); None keeps its whole state dict."""
     final = run_dir / "checkpoints" / f"step_{step:06d}"
+    own = model.state_dict() if tensors is None else tensors
     with fsio.atomic_dir(final) as tmp:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in own.items()}
         # tied weights share storage; safetensors wants each storage once
         seen: dict[int, str] = {}
         for k in list(tensors):
@@ -57,13 +60,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
-                    ) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Into ``model`` (or only into ``tensors``, the model's tensors ``save_checkpoint`` was given), the
+    optimizer and the RNGs; returns the checkpoint's state."""
     if is_sharded(path):  # written by a multi-process run: DCP reads it into this (plain) model
         return load_sharded_checkpoint(path, model, optimizer)
     state = read_state(path)
+    own = model.state_dict() if tensors is None else tensors
     tensors = load_model_tensors(path)
-    own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "

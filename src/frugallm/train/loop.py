@@ -202,7 +202,8 @@ class Trainer:
 
             state = load_any_checkpoint(ckpt, model, optimizer)
         else:
-            state = load_checkpoint(ckpt, self.dist.unwrap(model), optimizer)
+            inner = self.dist.unwrap(model)
+            state = load_checkpoint(ckpt, inner, optimizer, tensors=self.checkpoint_tensors(inner))
         loader.load_state_dict(state["loader"])
         return _Clock(step=state["step"], tokens=state["tokens"], elapsed_before=state["elapsed_s"])
 
@@ -233,7 +234,7 @@ class Trainer:
         sums = torch.zeros(3, device=self.device)  # main, mtp, balance
         for chunk in batch.split(self.micro):
             with autocast:
-                out = model(chunk, train=True)
+                out = self.forward(model, chunk)
             mtp = torch.stack(out.mtp_losses).mean() if out.mtp_losses else out.loss.new_zeros(())
             total = out.loss + cfg.mtp_lambda * mtp + cfg.balance_alpha * out.balance_loss
             (total / cfg.grad_accum).backward()
@@ -246,8 +247,39 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         if loads is not None:
             loads = self.dist.all_reduce_sum(loads)  # every rank applies the same bias update
-            self.dist.unwrap(model).update_expert_bias(loads, cfg.bias_gamma)
+            if self.update_bias:
+                self.dist.unwrap(model).update_expert_bias(loads, cfg.bias_gamma)
         return self.dist.all_reduce_mean(sums), loads, float(grad_norm)
+
+    # ----- what a subclass (``frugallm.tune.finetune``) changes -------------------------------------------
+    update_bias = True  # auxiliary-loss-free balancing: the loop moves the experts' bias after every step
+
+    def forward(self, model: torch.nn.Module, chunk: Any) -> Any:
+        """One micro-batch's ``TrainOutput``: here token windows [b, seq_len + 1 + D]."""
+        return model(chunk, train=True)
+
+    def make_loader(self, corpus: Any) -> Any:
+        """The training batches: ``next_batch()`` (something with ``.to(device)`` and ``.split(rows)``),
+        ``tokens_in(batch)``, ``state_dict()`` and ``load_state_dict()``."""
+        from frugallm.data.loader import TokenLoader
+
+        return TokenLoader(corpus, "train", global_batch=self.cfg.batch_size,
+                           window=self.cfg.seq_len + 1 + self.depth, seed=self.cfg.seed, rank=self.dist.rank,
+                           world_size=self.dist.world_size)
+
+    def evaluate(self, model: torch.nn.Module, corpus: Any, max_windows: int | None) -> dict[str, Any]:
+        """Validation figures (``val_loss`` at least) of the unwrapped model; None windows: all of them."""
+        from frugallm.train.evaluate import evaluate
+
+        return evaluate(model, corpus, seq_len=self.cfg.seq_len, batch=self.micro, max_windows=max_windows,
+                        device=self.device, autocast_dtype=self.amp_dtype)
+
+    def checkpoint_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """What a checkpoint keeps of the (unwrapped) model: None for its whole state dict."""
+        return None
+
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len
 
     def _record(self, clock: _Clock, lr: float, sums: torch.Tensor, loads: torch.Tensor | None,
                 grad_norm: float, meter: Any) -> dict[str, Any]:
@@ -265,20 +297,18 @@ class Trainer:
     def run(self, stop_after_step: int | None = None) -> RunResult:
         """Train to the configured horizon. ``stop_after_step`` behaves as a SIGINT arriving during that
         step (a checkpoint, then return): tests use it to interrupt a run at a known point."""
-        from frugallm.data.loader import TokenLoader
         from frugallm.train.rate import RateMeter
 
         cfg, is_main = self.cfg, self.dist.is_main
         corpus = self._start()
         model = self._build()
         optimizer = build_optimizer(model, cfg)
-        loader = TokenLoader(corpus, "train", global_batch=cfg.batch_size, window=cfg.seq_len + 1 + self.depth,
-                             seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        loader = self.make_loader(corpus)
         clock = self._restore(model, optimizer, loader)
         metrics = MetricsWriter(self.run_dir, enabled=is_main)
         meter = RateMeter(self.model_cfg, cfg, self.device, world_size=self.dist.world_size,
                           compute=self.outer_precision, kernels=self.kernels)
-        tokens_per_step = cfg.batch_size * cfg.seq_len
+        tokens_per_step = self.tokens_per_step()
         interrupted = False
         ui = ProgressLine(enabled=self.progress and is_main)
         ui.start(cfg.max_steps, clock.step)
@@ -313,16 +343,14 @@ class Trainer:
     def _between_steps(self, clock: _Clock, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        loader: Any, corpus: Any, metrics: MetricsWriter, ui: ProgressLine, stop: bool) -> bool:
         """Evaluate and checkpoint when due (and checkpoint before stopping); whether all ranks stop."""
-        from frugallm.train.evaluate import evaluate
-
         cfg, now = self.cfg, time.perf_counter()
         eval_due, ckpt_due, stop = self.dist.any_each(now - clock.last_eval >= cfg.eval_every_s,
                                                       now - clock.last_ckpt >= cfg.checkpoint_every_s, stop)
         if eval_due:
-            ev = evaluate(self.dist.unwrap(model), corpus, seq_len=cfg.seq_len, batch=self.micro,
-                          max_windows=cfg.eval_windows, device=self.device, autocast_dtype=self.amp_dtype)
+            ev = self.evaluate(self.dist.unwrap(model), corpus, cfg.eval_windows)
             metrics.write({"step": clock.step, "tokens": clock.tokens, **ev})
-            ui.note(f"step {clock.step}: val_loss {ev['val_loss']:.4f}  val_bpb {ev['val_bpb']:.3f}")
+            ui.note(f"step {clock.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()
+                                                       if k in ("val_loss", "val_bpb")))
             clock.last_eval = time.perf_counter()
         if stop or ckpt_due:
             self._checkpoint(clock.step, clock.tokens, clock.elapsed(now), model, optimizer, loader)
@@ -332,16 +360,13 @@ class Trainer:
     def _finish(self, clock: _Clock, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
                 corpus: Any, metrics: MetricsWriter, meter: Any, interrupted: bool) -> RunResult:
         """The last checkpoint; unless interrupted, the final evaluation, cost.json, plots and the export."""
-        from frugallm.train.evaluate import evaluate
-
         elapsed = clock.elapsed()
         self._checkpoint(clock.step, clock.tokens, elapsed, model, optimizer, loader)
         result = RunResult(self.run_dir, clock.step, clock.tokens, elapsed, interrupted)
         if interrupted:
             metrics.close()
             return result
-        final = evaluate(self.dist.unwrap(model), corpus, seq_len=self.cfg.seq_len, batch=self.micro,
-                         device=self.device, autocast_dtype=self.amp_dtype)
+        final = self.evaluate(self.dist.unwrap(model), corpus, None)
         metrics.write({"step": clock.step, "tokens": clock.tokens, "final": True, **final})
         metrics.close()
         result.final = final
@@ -370,9 +395,10 @@ class Trainer:
             return
         if not self.dist.is_main:
             return
-        save_checkpoint(self.run_dir, step, self.dist.unwrap(model), optimizer,
+        inner = self.dist.unwrap(model)
+        save_checkpoint(self.run_dir, step, inner, optimizer,
                         {"tokens": tokens, "elapsed_s": elapsed, "loader": loader.state_dict()},
-                        keep=self.cfg.keep_checkpoints)
+                        keep=self.cfg.keep_checkpoints, tensors=self.checkpoint_tensors(inner))
 
     def _export(self, model: torch.nn.Module) -> None:
         inner = self.dist.unwrap(model)
