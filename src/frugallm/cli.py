@@ -13,6 +13,7 @@ AREAS = [
     "frugallm.data.cli",
     "frugallm.data.curate.cli",
     "frugallm.train.cli",
+    "frugallm.tune.cli",
     "frugallm.cost.cli",
     "frugallm.serve.cli",
 ]

@@ -12,8 +12,13 @@ A run directory, as ``train.loop`` writes it:
 Where the weights come from, for PATH (``find_model``), first match:
     export       PATH/model/config.json
     hf           PATH/config.json: PATH is itself an HF directory (a run's model/ among them)
+    adapter      PATH is a LoRA fine-tuning run (config.toml has [finetune] with method lora): its base (where
+                 [finetune] base points) with PATH/adapter merged in, else with the adapters of its newest
+                 checkpoint (kind adapter-checkpoint)
     checkpoint   PATH/config.toml and a complete checkpoint: the newest one, with a warning that says so
     otherwise    one CheckpointError saying what was looked for
+A full fine-tuning run is read as any training run (its export, else its checkpoints hold every weight).
+Reading an adapter run needs ``frugallm.tune`` (imported then, and only then: it stands above this module).
 """
 
 from __future__ import annotations
@@ -35,13 +40,13 @@ log = logging.getLogger("frugallm.rundir")
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # export | hf | checkpoint
+    kind: str  # export | hf | adapter | adapter-checkpoint | checkpoint
     path: Path  # the HF directory, or the checkpoint directory
     root: Path  # the directory given: a run's root or the HF directory, where tokenizer.json is also looked for
 
     @property
     def note(self) -> str:
-        if self.kind == "checkpoint":
+        if self.kind in ("checkpoint", "adapter-checkpoint"):
             return (f"{self.root} has no final export (model/); loading its newest checkpoint, "
                     f"{self.path.relative_to(self.root)}")
         return f"loading {self.path}"
@@ -59,6 +64,13 @@ def find_model(path: str | Path) -> ModelSource:
     if (root / "config.json").is_file():
         return ModelSource(kind="hf", path=root, root=root)
     ckpt = latest_checkpoint(root)
+    if (root / "config.toml").is_file() and _is_lora_run(root):
+        if (root / "adapter" / "adapter_config.json").is_file():
+            return ModelSource(kind="adapter", path=root / "adapter", root=root)
+        if ckpt is None:
+            raise CheckpointError(f"{root}: a LoRA fine-tuning run with neither its adapter (adapter/) nor a "
+                                  f"complete checkpoint yet")
+        return ModelSource(kind="adapter-checkpoint", path=ckpt, root=root)
     if (root / "config.toml").is_file():
         if ckpt is None:
             raise CheckpointError(f"{root}: a frugallm run directory with neither a final export (model/) nor a "
@@ -67,6 +79,13 @@ def find_model(path: str | Path) -> ModelSource:
     found = " (it has checkpoints/ but no config.toml to build the model from)" if ckpt else ""
     raise CheckpointError(f"{root} is neither a frugallm run directory (model/config.json, or config.toml and "
                           f"checkpoints/) nor a Hugging Face model directory (config.json){found}")
+
+
+def _is_lora_run(root: Path) -> bool:
+    from frugallm.train.runconfig import read_finetune_table
+
+    table = read_finetune_table(root / "config.toml")
+    return table is not None and table.get("method", "lora") == "lora"
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
@@ -79,6 +98,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     source = find_model(path)
     dtype = dtype or torch.float32
+    if source.kind.startswith("adapter"):
+        from frugallm.tune.finetune import load_finetuned
+
+        if source.kind == "adapter-checkpoint":
+            log.warning("%s", source.note)
+        return load_finetuned(source, device=device, dtype=dtype), source
     if source.kind != "checkpoint":
         return from_pretrained(source.path, device=device, dtype=dtype), source
     from frugallm.train.checkpoint import load_checkpoint

@@ -182,8 +182,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from frugallm.train.runconfig import read_run_config
 
     run_dir = Path(args.run_dir)
+    if _sft_eval(args, run_dir):
+        return _run_eval_sft(args, run_dir)
     if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{run_dir}: no config.toml; not a frugallm run directory")
+        raise ConfigError(f"{run_dir}: no config.toml; not a frugallm run directory (a Hugging Face directory is "
+                          f"evaluated on conversations: --data FILE.jsonl)")
     model_cfg, train_cfg = read_run_config(run_dir / "config.toml")
     data = list(args.data) if args.data else train_cfg.data
     corpus = prepare_corpus(data, vocab_size=model_cfg.vocab_size, tokenizer_path=run_dir / "tokenizer.json",
@@ -206,6 +209,37 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft_eval(args: argparse.Namespace, run_dir: Path) -> bool:
+    """Conversation data (or a fine-tuning run without --data) is evaluated on its trained tokens."""
+    from frugallm.tune.finetune import looks_like_sft, read_finetune_config
+
+    if args.data:
+        return looks_like_sft(list(args.data))
+    return read_finetune_config(run_dir) is not None
+
+
+def _run_eval_sft(args: argparse.Namespace, run_dir: Path) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from frugallm.tune.finetune import evaluate_sft
+
+    res = evaluate_sft(run_dir, list(args.data) if args.data else None, split=args.split,
+                       val_fraction=args.val_fraction, seq_len=args.seq_len)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    which = "held-out rows (hash split)" if res["split"] == "val" else "every row"
+    table = Table(title=f"{run_dir} on the trained tokens of {res['rows']} {which}: {res['val_tokens']:,} tokens")
+    for col in ("metric", "value"):
+        table.add_column(col)
+    table.add_row("loss (nats/token)", f"{res['val_loss']:.4f}")
+    table.add_row("perplexity", f"{res['val_ppl']:.2f}")
+    table.add_row("rows refused (malformed, too long)", str(res["refused"]))
+    Console().print(table)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (default: the tiny preset on the embedded corpus, 10 min)")
     p.add_argument("--preset", default=None, help="model preset (default tiny); see frugallm info --list")
@@ -224,9 +258,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, dest=field, default=None, help=help_)
     p.set_defaults(func=run_train)
 
-    e = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run (with lzma's)")
-    e.add_argument("run_dir", help="a frugallm run directory")
-    e.add_argument("--data", nargs="+", default=None, help="evaluate on this corpus's validation split")
+    e = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run (with lzma's); "
+                       "on conversations (.jsonl), the loss on the assistant tokens")
+    e.add_argument("run_dir", help="a frugallm run directory, or any model directory with --data FILE.jsonl")
+    e.add_argument("--data", nargs="+", default=None,
+                   help="evaluate on this corpus's validation split; .jsonl conversations ({messages} or "
+                        "{prompt, completion} rows): the loss on their trained tokens")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--split", default="val", choices=("val", "all"),
+                   help="conversation data: the rows fine-tuning holds out by hash (val, default) or all rows")
+    e.add_argument("--val-fraction", type=float, default=None,
+                   help="conversation data: the held-out share (default the run's, else 0.05)")
+    e.add_argument("--seq-len", type=int, default=None, help="conversation data: tokens per sequence")
     e.set_defaults(func=run_eval)

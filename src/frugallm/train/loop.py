@@ -274,6 +274,10 @@ class Trainer:
         return evaluate(model, corpus, seq_len=self.cfg.seq_len, batch=self.micro, max_windows=max_windows,
                         device=self.device, autocast_dtype=self.amp_dtype)
 
+    def before_training(self, model: torch.nn.Module, corpus: Any) -> dict[str, Any]:
+        """Figures of the starting model for the metrics (step 0), e.g. a fine-tuning base's loss."""
+        return {}
+
     def checkpoint_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """What a checkpoint keeps of the (unwrapped) model: None for its whole state dict."""
         return None
@@ -306,6 +310,10 @@ class Trainer:
         loader = self.make_loader(corpus)
         clock = self._restore(model, optimizer, loader)
         metrics = MetricsWriter(self.run_dir, enabled=is_main)
+        if clock.step == 0:
+            before = self.before_training(model, corpus)
+            if before:
+                metrics.write({"step": 0, "tokens": 0, **before})
         meter = RateMeter(self.model_cfg, cfg, self.device, world_size=self.dist.world_size,
                           compute=self.outer_precision, kernels=self.kernels)
         tokens_per_step = self.tokens_per_step()

@@ -1,5 +1,7 @@
 """``config.toml`` of a run: a ``[model]`` table (ModelConfig fields) and a ``[train]`` table (TrainConfig
-fields). TOML has no null, so fields set to None are listed in each table's ``unset`` array."""
+fields), and for a fine-tuning run a ``[finetune]`` table (``frugallm.tune.finetune.FinetuneConfig``, which
+this module passes through as a plain table: train knows nothing of tune). TOML has no null, so fields set
+to None are listed in each table's ``unset`` array."""
 
 from __future__ import annotations
 
@@ -29,17 +31,29 @@ def _untable(t: dict[str, Any]) -> dict[str, Any]:
     return t
 
 
-def write_run_config(path: Path, model: ModelConfig, train: TrainConfig) -> None:
-    text = tomli_w.dumps({"model": _table(model.to_dict()), "train": _table(train.to_dict())})
-    fsio.write_text(path, text)
+TABLES = ("model", "train", "finetune")
+
+
+def write_run_config(path: Path, model: ModelConfig, train: TrainConfig,
+                     finetune: dict[str, Any] | None = None) -> None:
+    tables = {"model": _table(model.to_dict()), "train": _table(train.to_dict())}
+    if finetune is not None:
+        tables["finetune"] = _table(finetune)
+    fsio.write_text(path, tomli_w.dumps(tables))
+
+
+def read_finetune_table(path: str | Path) -> dict[str, Any] | None:
+    """The ``[finetune]`` table of a run's config.toml (None fields restored), or None for other runs."""
+    table = read_toml(path).get("finetune")
+    return None if table is None else _untable(table)
 
 
 def read_run_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
     """A run's config.toml, or any TOML with ``[model]`` (optionally ``preset = NAME``) and ``[train]``."""
     data = read_toml(path)
-    unknown = sorted(set(data) - {"model", "train"})
+    unknown = sorted(set(data) - set(TABLES))
     if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; allowed: model, train")
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; allowed: {', '.join(TABLES)}")
     model = model_config_from_table(data.get("model", {"preset": "tiny"}), where=str(path))
     try:
         train = TrainConfig.from_dict(_untable(data.get("train", {})))

@@ -288,6 +288,30 @@ class SFTBatch:
         """Share of computed positions holding a real token."""
         return (self.segment_ids != 0).float().mean().item()
 
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SFTBatch:
+        return SFTBatch(**{k: getattr(self, k).to(device, non_blocking=non_blocking) for k in _FIELDS})
+
+    def rows(self, index: torch.Tensor | slice) -> SFTBatch:
+        return SFTBatch(**{k: getattr(self, k)[index] for k in _FIELDS})
+
+    def split(self, rows: int) -> list[SFTBatch]:
+        """Micro-batches of ``rows`` sequences (the last may be shorter), as ``Tensor.split``."""
+        return [self.rows(slice(i, i + rows)) for i in range(0, len(self), rows)]
+
+    @property
+    def trained_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segment_ids != 0).sum())
+
+
+_FIELDS = ("input_ids", "labels", "segment_ids", "position_ids")
+
 
 def _bins(examples: Sequence[Example], seq_len: int, packed: bool) -> list[list[int]]:
     if not packed:
