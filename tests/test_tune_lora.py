@@ -81,6 +81,7 @@ def test_default_targets_and_init_leaves_logits_unchanged(case):
     assert report.kinds == {"LoraLinear": len(expected) - 2, "LoraExperts": 2}
     assert report.trainable == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) > 0
     assert report.total == sum(p.numel() for p in model.parameters())
+    assert not any(m.training for m in model.modules())  # the wrappers take the model's eval mode
     with torch.no_grad():
         after = model(ids)
     assert torch.equal(before, after)  # B = 0: the adapters add exact zeros

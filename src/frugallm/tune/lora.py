@@ -388,8 +388,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, generator: torch.Generator 
         parent, child = _parent(model, name)
         base = getattr(parent, child)
         wrapper = LoraExperts if isinstance(base, GroupedExperts) else LoraLinear
-        setattr(parent, child, wrapper(base, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                                       dtype=cfg.torch_dtype, generator=generator))
+        module = wrapper(base, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, dtype=cfg.torch_dtype,
+                         generator=generator)
+        setattr(parent, child, module.train(base.training))  # a new module trains; keep the model's mode
         kinds[wrapper.__name__] = kinds.get(wrapper.__name__, 0) + 1
     return LoraReport(tuple(names), sum(p.numel() for _, p in trainable_parameters(model)),
                       sum(p.numel() for p in model.parameters()), kinds)
