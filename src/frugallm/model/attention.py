@@ -43,7 +43,7 @@ from torch import nn
 
 from frugallm.config import ModelConfig
 from frugallm.kernels import KernelPolicy
-from frugallm.kernels.attention import causal_attention
+from frugallm.kernels.attention import SegmentMask, causal_attention
 from frugallm.model.layers import Linear, RMSNorm
 
 
@@ -119,7 +119,8 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 
 class RopeTable(NamedTuple):
-    """What ``apply_rope`` needs besides x: cos and sin [B or 1, S, d_r/2] and the pairs' layout."""
+    """What ``apply_rope`` needs besides x: cos and sin [B or 1, S, d_r/2] and the pairs' layout (per row, B,
+    where positions differ between rows: packed examples restart at 0, serving rows start where they are)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -223,17 +224,20 @@ class MLA(nn.Module):
         return torch.cat([k_nope, k_rope], dim=-1), v
 
     def attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor,
-                        k_rope: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-        """Rebuild per-head K and V from the latent and attend. Returns [B, S, n_h*d_v]."""
+                        k_rope: torch.Tensor, q_offset: int = 0, segments: SegmentMask | None = None
+                        ) -> torch.Tensor:
+        """Rebuild per-head K and V from the latent and attend (within ``segments`` for packed rows).
+        Returns [B, S, n_h*d_v]."""
         k, v = self.expand_kv(kv_latent, k_rope)
         q = torch.cat([q_nope, q_rope], dim=-1)  # [B, n_h, S, d_n+d_r]
-        out = causal_attention(q, k, v, self.scale, self.kernels, q_offset)  # [B, n_h, S, d_v]
+        out = causal_attention(q, k, v, self.scale, self.kernels, q_offset, segments)  # [B, n_h, S, d_v]
         return out.transpose(1, 2).flatten(2)  # [B, S, n_h*d_v]
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                segments: SegmentMask | None = None) -> torch.Tensor:
         q_nope, q_rope = self.project_q(x, rope)
         kv_latent, k_rope = self.compress_kv(x, rope)
-        return self.o_proj(self.attend_expanded(q_nope, q_rope, kv_latent, k_rope))
+        return self.o_proj(self.attend_expanded(q_nope, q_rope, kv_latent, k_rope, segments=segments))
 
 
 # ----- baselines ----------------------------------------------------------------------------------------
@@ -266,15 +270,17 @@ class GQA(nn.Module):
         v = self.v_proj(x).unflatten(-1, (self.n_kv, -1)).transpose(1, 2)  # [B, n_kv, S, d_v]
         return self._rope_last(q, rope), self._rope_last(k, rope), v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0,
+               segments: SegmentMask | None = None) -> torch.Tensor:
         rep = self.n_heads // self.n_kv
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, n_h, T, *]
-        out = causal_attention(q, k, v, self.scale, self.kernels, q_offset)  # [B, n_h, S, d_v]
+        out = causal_attention(q, k, v, self.scale, self.kernels, q_offset, segments)  # [B, n_h, S, d_v]
         return out.transpose(1, 2).flatten(2)  # [B, S, n_h*d_v]
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return self.o_proj(self.attend(*self.qkv(x, rope)))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                segments: SegmentMask | None = None) -> torch.Tensor:
+        return self.o_proj(self.attend(*self.qkv(x, rope), segments=segments))
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:

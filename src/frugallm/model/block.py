@@ -2,6 +2,8 @@
 
 The two residual halves are methods of their own, ``attention`` and ``ffn``, so that the serving runner
 (``frugallm.serve.runner``) runs the same block with attention over its paged cache instead of over x alone.
+Packed training rows pass ``segments`` (attention stays within each example) and ``groups`` (the tokens the
+MoE's balance statistics count, per example); both None is the plain causal block.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import torch
 from torch import nn
 
 from frugallm.config import ModelConfig
+from frugallm.kernels.attention import SegmentMask
 from frugallm.model.attention import RopeTable, build_attention
 from frugallm.model.layers import MLP, RMSNorm
-from frugallm.model.moe import MoE, MoEStats
+from frugallm.model.moe import MoE, MoEStats, TokenGroups
 
 # (the block, its normalised input [B, S, H], rope) -> the attention output after o_proj [B, S, H]
 Attend = Callable[["DecoderLayer", torch.Tensor, RopeTable], torch.Tensor]
@@ -34,21 +37,26 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def attention(self, x: torch.Tensor, rope: RopeTable, attend: Attend | None = None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, rope: RopeTable, attend: Attend | None = None,
+                  segments: SegmentMask | None = None) -> torch.Tensor:
         """The residual attention half of the block: x [B, S, H] -> x + Attn(norm(x)). Without ``attend`` the
-        module's own causal attention over x alone; the serving runner passes one that also reads and writes
-        the cache of earlier tokens."""
+        module's own causal attention over x alone, within ``segments`` where given; the serving runner passes
+        an ``attend`` that also reads and writes the cache of earlier tokens (and masks its own rows)."""
+        if attend is not None and segments is not None:
+            raise ValueError("segments mask the block's own attention; an attend hook does its own masking")
         h = self.input_layernorm(x)
-        return x + (self.self_attn(h, rope) if attend is None else attend(self, h, rope))
+        return x + (self.self_attn(h, rope, segments) if attend is None else attend(self, h, rope))
 
-    def ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
-        """The residual FFN half of the block: x [B, S, H] -> x + FFN(norm(x))."""
+    def ffn(self, x: torch.Tensor, groups: TokenGroups | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """The residual FFN half of the block: x [B, S, H] -> x + FFN(norm(x)); ``groups``: the MoE's
+        balance statistics over these sequences instead of the batch rows."""
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            out, stats = self.mlp(h)
+            out, stats = self.mlp(h, groups)
             return x + out, stats
         return x + self.mlp(h), None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                segments: SegmentMask | None = None, groups: TokenGroups | None = None
                 ) -> tuple[torch.Tensor, MoEStats | None]:
-        return self.ffn(self.attention(x, rope))
+        return self.ffn(self.attention(x, rope, segments=segments), groups)

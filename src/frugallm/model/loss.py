@@ -8,7 +8,9 @@ them for backward, then walks them again for the softmax gradient. Here each chu
     dh_c = dz W,   dW += dz^T h_c                                  (the two GEMMs of the backward)
 while z is still in cache, and keeps only dh [N, H] and dW [V, H] for backward, which scales them by the
 incoming gradient. Same three GEMMs as the plain path, no [N, V] tensor alive, no second walk over logits.
-The numerics equal ``F.cross_entropy(h @ W.T, labels)`` (float32 softmax, mean over non-ignored labels).
+The numerics equal ``F.cross_entropy(h @ W.T, labels)`` (float32 softmax, mean over non-ignored labels);
+``reduction="sum"`` returns the sum instead (n_valid above is then 1), for callers that weight by tokens
+across batches of different sizes (packed SFT).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from frugallm.kernels import KernelPolicy, gemm
 
+REDUCTIONS = ("mean", "sum")
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in float32; 512 rows at V = 8,192): as fast as one chunk here
 # The output head's GEMMs follow the kernel policy (``frugallm.kernels``): on the CPU the logits GEMM of a
 # chunk runs over vocabulary blocks (``vocab_block``) into one buffer that all chunks share, and where the
@@ -82,14 +85,16 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
-                ignore_index: int, need_dh: bool, need_dw: bool, kernels: KernelPolicy) -> torch.Tensor:
+                ignore_index: int, need_dh: bool, need_dw: bool, kernels: KernelPolicy,
+                mean: bool = True) -> torch.Tensor:
         dtype = _compute_dtype(h)
         with torch.autocast(device_type=h.device.type, enabled=False):
             hc_all, w = h.to(dtype), weight.to(dtype)
             N, V = h.shape[0], weight.shape[0]
             valid = labels != ignore_index
             acc = torch.promote_types(dtype, torch.float32)  # softmax and accumulation: float32 at least
-            n_valid = valid.sum().clamp(min=1).to(acc)
+            # the divisor of the loss and of its gradient: 1 for a sum
+            n_valid = valid.sum().clamp(min=1).to(acc) if mean else torch.ones((), dtype=acc, device=h.device)
             safe = torch.where(valid, labels, 0)
             chunk = max(1, CHUNK_ELEMENTS // V)
             total = torch.zeros((), dtype=acc, device=h.device)
@@ -137,17 +142,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = next(saved) * grad if ctx.has[0] else None
         dw = next(saved) * grad if ctx.has[1] else None
         return (dh.to(ctx.dtypes[0]) if dh is not None else None,
-                dw.to(ctx.dtypes[1]) if dw is not None else None, None, None, None, None, None)
+                dw.to(ctx.dtypes[1]) if dw is not None else None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                         kernels: KernelPolicy = KernelPolicy()) -> torch.Tensor:
-    """Mean cross-entropy of ``h [..., H] @ weight[V, H]^T`` against ``labels [...]``, without keeping the
-    logits, its GEMMs as ``kernels`` chooses. Falls back to the plain path for tensor subclasses (FSDP's
-    DTensor weights, FP8 wrappers)."""
+                         kernels: KernelPolicy = KernelPolicy(), reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``h [..., H] @ weight[V, H]^T`` against ``labels [...]``, the mean over the labels that
+    are not ``ignore_index`` (or their sum, ``reduction="sum"``), without keeping the logits, its GEMMs as
+    ``kernels`` chooses. Falls back to the plain path for tensor subclasses (FSDP's DTensor weights, FP8
+    wrappers)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     h2, lab = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
     if type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor:
-        return F.cross_entropy(F.linear(h2, weight).float(), lab, ignore_index=ignore_index)
+        return F.cross_entropy(F.linear(h2, weight).float(), lab, ignore_index=ignore_index, reduction=reduction)
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(h2, weight, lab, ignore_index, grad and h.requires_grad,
-                                     grad and weight.requires_grad, kernels)
+                                     grad and weight.requires_grad, kernels, reduction == "mean")

@@ -28,6 +28,12 @@ shards on dim 0.
 Sequence-wise balance loss (eq. 17-20), per sequence of length S:
     f_i = E / (k*S) * #{t : i in idx_t},   P_i = mean_t s_{t,i} / sum_j s_{t,j},   L = sum_i f_i P_i
 returned unweighted (mean over the sequences); the training loop multiplies it by alpha.
+
+Packed rows (``frugallm.tune.sft``) pass ``TokenGroups``: each example is a sequence of its own (S its
+length), padding (and, in an MTP block, the positions with nothing to predict) is in none, so that neither
+the balance loss nor ``MoEStats.load`` counts it and a packed example adds what it would alone. Routing and
+the expert computation are unchanged for every token, padding included: its outputs are simply never
+trained, and skipping it would cost a gather where it saves only the padding's share of expert FLOPs.
 """
 
 from __future__ import annotations
@@ -53,6 +59,27 @@ class RouterOutput(NamedTuple):
 class MoEStats(NamedTuple):
     balance_loss: torch.Tensor  # scalar, unweighted sequence-wise balance loss
     load: torch.Tensor  # [E] tokens routed to each expert (detached)
+
+
+class TokenGroups(NamedTuple):
+    """The sequences the balance statistics run over when they are not the batch rows, and which tokens they
+    count: ``index`` [N] the group 0 .. count-1 of each token, -1 for a token counted nowhere."""
+
+    index: torch.Tensor  # [N] int64
+    count: int
+
+    @staticmethod
+    def of_segments(segment_ids: torch.Tensor) -> TokenGroups:
+        """One group per (row, segment) of segment_ids [B, S] (segments contiguous, 0 is padding)."""
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)  # [B, S] where a segment begins
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        starts &= segment_ids != 0
+        index = starts.reshape(-1).cumsum(0) - 1  # [N]
+        return TokenGroups(torch.where(segment_ids.reshape(-1) != 0, index, -1), int(starts.sum()))
+
+    def only(self, keep: torch.Tensor) -> TokenGroups:
+        """The same groups counting only the tokens where ``keep`` [B, S] (or [N]) is True."""
+        return TokenGroups(torch.where(keep.reshape(-1), self.index, -1), self.count)
 
 
 class Router(nn.Module):
@@ -213,17 +240,23 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts > 0 else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        """x: [B, S, H] -> ([B, S, H], stats)."""
+    def forward(self, x: torch.Tensor, groups: TokenGroups | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x: [B, S, H] -> ([B, S, H], stats); ``groups``: the statistics' sequences, else the batch rows."""
         B, S, H = x.shape
         flat = x.reshape(B * S, H)  # [N, H]
         route = self.gate(flat)
         out = self.experts(flat, route.indices, route.gates).view(B, S, H)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out, MoEStats(self.balance_loss(route, B, S), self.load(route.indices))
+        if groups is None:
+            return out, MoEStats(self.balance_loss(route, B, S), self.load(route.indices))
+        return out, MoEStats(self.grouped_balance_loss(route, groups), self.load(route.indices, groups.index >= 0))
 
-    def load(self, indices: torch.Tensor) -> torch.Tensor:
+    def load(self, indices: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens routed to each expert [E], of the tokens ``counted`` [N] only where given."""
+        if counted is not None:  # the others go to one more bin, dropped: no sync, as boolean indexing would
+            indices = torch.where(counted[:, None], indices, self.n_experts)  # [N, k]
+            return torch.bincount(indices.reshape(-1), minlength=self.n_experts + 1)[: self.n_experts].detach()
         return torch.bincount(indices.reshape(-1), minlength=self.n_experts).detach()  # [E]
 
     def balance_loss(self, route: RouterOutput, B: int, S: int) -> torch.Tensor:
@@ -234,6 +267,20 @@ class MoE(nn.Module):
         hits = torch.bincount(seq * E + route.indices.reshape(-1), minlength=B * E).view(B, E)
         f = hits.to(probs.dtype) * (E / (self.top_k * S))  # [B, E]
         return (f * P).sum(-1).mean()
+
+    def grouped_balance_loss(self, route: RouterOutput, groups: TokenGroups) -> torch.Tensor:
+        """``balance_loss`` with ``groups`` as the sequences (S_g the tokens each counts), averaged over the
+        groups that count any token; the batch rows as groups give ``balance_loss`` itself."""
+        probs = route.scores / route.scores.sum(-1, keepdim=True)  # [N, E]
+        E, G = self.n_experts, groups.count
+        slot = torch.where(groups.index >= 0, groups.index, G)  # [N]; bin G gathers the uncounted, dropped
+        n = torch.bincount(slot, minlength=G + 1)[:G]  # [G] tokens each group counts
+        per = n.clamp(min=1).to(probs.dtype)[:, None]  # [G, 1]
+        P = probs.new_zeros(G + 1, E).index_add(0, slot, probs)[:G] / per  # [G, E]
+        pairs = (slot[:, None] * E + route.indices).reshape(-1)  # [N*k]
+        hits = torch.bincount(pairs, minlength=(G + 1) * E).view(G + 1, E)[:G]  # [G, E]
+        f = hits.to(probs.dtype) * (E / self.top_k) / per  # [G, E]
+        return (f * P).sum() / (n > 0).sum().clamp(min=1)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, gamma: float) -> None:

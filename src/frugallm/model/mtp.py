@@ -8,6 +8,12 @@ embedding of token t_{i+d}:
     logits^d = OutputHead(shared_head.norm(h^d))                 embedding and output head shared
 The concatenation order (embedding first) follows the published checkpoint's ``eh_proj``. Checkpoints
 store module d as layer index ``num_hidden_layers + d - 1``.
+
+Packed rows (``frugallm.tune.sft``): depth d at position t reads token t+d and is trained on labels[t+d]
+(labels already shifted by one), so t is a valid position at depth d only when t+d lies in the same example
+(``within_segment``). Elsewhere its input is whatever token sits d further on and its label is ignored; no
+valid position attends to such a one, since a segment is contiguous: s <= t valid, same segment, gives
+s + d <= t + d inside it. So MTP losses never cross examples either.
 """
 
 from __future__ import annotations
@@ -16,9 +22,17 @@ import torch
 from torch import nn
 
 from frugallm.config import ModelConfig
+from frugallm.kernels.attention import SegmentMask
 from frugallm.model.block import DecoderLayer
 from frugallm.model.layers import Linear, RMSNorm
-from frugallm.model.moe import MoEStats
+from frugallm.model.moe import MoEStats, TokenGroups
+
+
+def within_segment(segment_ids: torch.Tensor, depth: int) -> torch.Tensor:
+    """segment_ids [B, S] -> [B, S] True where position t + depth exists and is in t's segment (not padding)."""
+    ahead = torch.zeros_like(segment_ids)  # [B, S], 0 (padding) past the end
+    ahead[:, : segment_ids.shape[1] - depth] = segment_ids[:, depth:]
+    return (ahead == segment_ids) & (segment_ids != 0)
 
 
 class SharedHead(nn.Module):
@@ -43,5 +57,6 @@ class MTPModule(DecoderLayer):
         return self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # [B, S, H]
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor,  # type: ignore[override]
-                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, MoEStats | None]:
-        return super().forward(self.combine(h_prev, emb_next), rope)
+                rope: tuple[torch.Tensor, torch.Tensor], segments: SegmentMask | None = None,
+                groups: TokenGroups | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        return super().forward(self.combine(h_prev, emb_next), rope, segments, groups)
