@@ -1,6 +1,7 @@
-"""``frugallm cost`` (training: FLOPs, GPU-hours, dollars, MFU) and ``frugallm cost serve`` (dollars per million
-tokens, self-hosting against API prices): the flags, and the record ``frugallm.cost.estimate`` computes
-printed as JSON (``--json``; the field names are documented in docs/costs.md and stay stable) or as a
+"""``frugallm cost`` (training: FLOPs, GPU-hours, dollars, MFU), ``frugallm cost serve`` (dollars per million
+tokens, self-hosting against API prices) and ``frugallm cost finetune`` (LoRA over a bf16 or fp8 base, or full
+fine-tuning: memory per GPU, GPUs needed, GPU-hours): the flags, and the record ``frugallm.cost.estimate``
+(``frugallm.cost.finetune`` for fine-tuning) computes printed as JSON (``--json``; the field names are documented in docs/costs.md and stay stable) or as a
 table."""
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from rich.table import Table
 
 from frugallm.config import PRESETS, ModelConfig, load_model_config, preset
 from frugallm.cost.estimate import read_benchmark, serving_estimate, training_estimate
+from frugallm.cost.finetune import COMPARE, finetune_estimate
 from frugallm.cost.memory import format_bytes
 from frugallm.cost.report import read_cost_json, run_model_config
 from frugallm.errors import ConfigError
+from frugallm.tune.targets import DEFAULT_TARGETS
 
 
 # ----- validation and formatting ---------------------------------------------------------------------------
@@ -249,13 +252,138 @@ def run_cost_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- fine-tuning -----------------------------------------------------------------------------------------
+_FT_ROWS = (  # (record key, row name, how) for the memory rows, per GPU
+    ("weights_e4m3", "base_weights_e4m3", "fp8 base: 1 byte per element of the block linears and experts"),
+    ("weights_scales", "base_weights_scales", "fp8 base: fp32 scale per 128x128 block (weight_scale_inv)"),
+    ("weights_bf16", "base_weights_bf16", "bf16 base; over fp8: embedding, lm_head, router, norms, MTP eh_proj"),
+    ("gathered_layer", "gathered_layer", "FSDP: one block's weights while it runs, experts still split"),
+    ("trainable_master", "trainable_master", "LoRA: fp32 adapters; full: fp32 master weights"),
+    ("grads", "gradients", "fp32, of the trainable parameters only"),
+    ("optimizer", "optimizer_states", "AdamW: 2 moments per trainable parameter"),
+    ("activations", "activations", "bf16, micro-batch x seq_len; LoRA also its x A^T"),
+    ("step_buffers", "step_buffers", "full: fp32 head weight grad, fused gate/up; LoRA: bf16 adapter casts"),
+    ("total", "total_per_gpu", ""),
+)
+
+
+def _ft_label(run: dict[str, Any]) -> str:
+    if run["method"] == "lora":
+        return f"LoRA r={run['lora_rank']}, {run['base_precision']} base"
+    return "full, bf16 + fp32 master"
+
+
+def _ft_gpus(run: dict[str, Any], rec: dict[str, Any]) -> str:
+    if run["gpus_needed"] is None:
+        return "none fit"
+    if run["gpus_needed"] == run["min_gpus"]:
+        return f"{run['gpus_needed']:,}"
+    return f"{run['gpus_needed']:,} ({run['min_gpus']:,} by bytes)"
+
+
+def _render_finetune_run(console: Console, rec: dict[str, Any], run: dict[str, Any]) -> None:
+    table = Table(title=f"frugallm cost finetune: {rec['model']}, {_ft_label(run)}, seq_len {rec['seq_len']} x "
+                        f"micro-batch {rec['micro_batch']}, on {rec['gpu_name']} ({rec['gpu_memory_gb']:g} GB)")
+    for col, just in (("field", "left"), ("value", "right"), ("how", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    share = run["trainable_params"] / rec["params_total_with_mtp"]
+    table.add_row("trainable_params", _si(run["trainable_params"]),
+                  f"{run['trainable_params']:,}, {_pct(share)} of {_si(rec['params_total_with_mtp'])} (MTP included)")
+    mem = run["memory"]
+    if mem is None:
+        table.add_row("gpus_needed", "none fit", "what is not sharded (activations, buffers) exceeds one GPU; "
+                      "try --activation-checkpointing or a shorter --seq-len")
+    else:
+        where = (f"at --gpus {mem['gpus']:,}" if rec["gpus"] else f"at {mem['gpus']:,} GPUs") +             ("" if run["fits"] else ": does NOT fit")
+        for key, name, how in _FT_ROWS:
+            if key.startswith("weights_") and not mem[key] and key != "weights_bf16":
+                continue
+            table.add_row(name, format_bytes(mem[key]), how if key != "total" else where)
+        table.add_row("gpus_needed", _ft_gpus(run, rec),
+                      f"states sharded evenly (FSDP + expert parallel); rounded to split "
+                      f"the routed experts evenly; {rec['gpu_memory_gb']:g} GB each")
+    _ft_time_rows(table, rec, run)
+    console.print(table)
+
+
+def _ft_time_rows(table: Table, rec: dict[str, Any], run: dict[str, Any]) -> None:
+    table.add_row("flops_per_token", _flop(run["flops_per_token"]),
+                  "2 x forward (no base weight gradient) + 3 x the adapters' forward" if run["method"] == "lora"
+                  else "3 x forward (forward, input and weight gradients)")
+    if run["gpu_hours"] is not None:
+        table.add_row("gpu_hours", _si(run["gpu_hours"], 3),
+                      f"{_si(rec['tokens'])} tokens at MFU {_pct(rec['mfu'])} of {rec['peak_tflops']:,.0f} TFLOP/s")
+        table.add_row("cost_usd", _usd(run["cost_usd"]),
+                      "-" if rec["price_per_gpu_hour"] is None else f"at {_usd(rec['price_per_gpu_hour'])} per GPU-hour")
+
+
+def _render_finetune_compare(console: Console, rec: dict[str, Any]) -> None:
+    runs = rec["runs"]
+    table = Table(title=f"frugallm cost finetune: {rec['model']} on {rec['gpu_name']} ({rec['gpu_memory_gb']:g} GB), "
+                        f"seq_len {rec['seq_len']} x micro-batch {rec['micro_batch']}, per GPU")
+    table.add_column("field", justify="left")
+    for run in runs:
+        table.add_column(_ft_label(run), justify="right")
+    table.add_row("trainable_params", *(_si(r["trainable_params"]) for r in runs))
+    for key, name, _ in _FT_ROWS:
+        table.add_row(name, *("-" if r["memory"] is None else format_bytes(r["memory"][key]) for r in runs))
+    table.add_row("gpus_needed", *(_ft_gpus(r, rec) for r in runs))
+    whole = [r["memory_whole_model"] for r in runs]
+    table.add_row("base_weights, whole model", *(format_bytes(w["weights"]) for w in whole))
+    table.add_row("trainable states, whole model",
+                  *(format_bytes(w["trainable_master"] + w["grads"] + w["optimizer"]) for w in whole))
+    table.add_row("flops_per_token", *(_flop(r["flops_per_token"]) for r in runs))
+    if rec["tokens"] is not None:
+        table.add_row("gpu_hours", *(_si(r["gpu_hours"], 3) for r in runs))
+        table.add_row("cost_usd", *(_usd(r["cost_usd"]) for r in runs))
+    console.print(table)
+
+
+def _render_finetune(rec: dict[str, Any], single: bool, compare: bool) -> None:
+    console = _console()
+    if single:
+        _render_finetune_run(console, rec, rec["runs"][0])
+    if compare:
+        _render_finetune_compare(console, rec)
+    notes = [f"activations {'with' if rec['activation_checkpointing'] else 'without'} activation checkpointing",
+             f"AdamW moments {rec['adam_moments']}"]
+    if rec["tokens"] is not None:
+        notes.append(f"MFU {_pct(rec['mfu'])} ({rec['mfu_source']}; --mfu to change)")
+    console.print("; ".join(notes))
+
+
+def run_cost_finetune(args: argparse.Namespace) -> int:
+    cfg, label = _resolve_model(args)
+    if args.gpu is None:
+        raise ConfigError("--gpu is required (e.g. --gpu h800)")
+    if args.method == "full" and args.base_precision == "fp8":
+        raise ConfigError("--method full needs --base-precision bf16: full fine-tuning over an fp8 base is not "
+                          "supported (the update needs a high-precision master)")
+    single = args.method is not None
+    compare = args.compare or not single
+    methods = [(args.method, args.base_precision or ("bf16" if args.method == "full" else "fp8"))] if single else []
+    if compare:
+        methods += [m for m in COMPARE if m not in methods]
+    rec = finetune_estimate(cfg, model=label, gpu=args.gpu, methods=methods, lora_rank=args.lora_rank,
+                            targets=args.lora_targets or DEFAULT_TARGETS, lora_mtp=args.lora_mtp,
+                            seq_len=args.seq_len, micro_batch=args.micro_batch,
+                            activation_checkpointing=args.activation_checkpointing, adam_moments=args.adam_moments,
+                            gpus=args.gpus, tokens=args.tokens, mfu=args.mfu, price=args.price,
+                            hardware_file=args.hardware_file)
+    if args.json:
+        print(json.dumps(rec, indent=2))
+    else:
+        _render_finetune(rec, single, compare)
+    return 0
+
+
 # ----- argparse ----------------------------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help=f"model preset: {', '.join(PRESETS)}")
     p.add_argument("--config", default=None, help="a frugallm TOML, a Hugging Face config.json, or a directory")
     p.add_argument("--gpu", default=None, help="device from the hardware catalogue (h800, h100-sxm, h200, b200, "
                    "a100-80gb, mi300x, gaudi3, or one of --hardware-file)")
-    p.add_argument("--price", type=float, default=None,
+    p.add_argument("--price", "--price-per-hour", dest="price", type=float, default=None,
                    help="USD per device-hour (default: the catalogue's price for --gpu)")
     p.add_argument("--hardware-file", default=None, help="TOML adding or overriding hardware entries")
     p.add_argument("--json", action="store_true", help="print the record as JSON (fields in docs/costs.md)")
@@ -291,7 +419,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also cost dense twins with the same total and the same active parameters")
     p.set_defaults(func=run_cost_train)
 
-    cost_sub = p.add_subparsers(dest="cost_command", metavar="[serve]", required=False)
+    cost_sub = p.add_subparsers(dest="cost_command", metavar="[serve|finetune]", required=False)
     s = cost_sub.add_parser("serve", help="dollars per million tokens served, and self-hosting against APIs")
     _add_common(s)
     s.add_argument("--tokens-per-second", type=float, default=None,
@@ -315,3 +443,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="months over which bought hardware is amortised (default 36)")
     s.add_argument("--prices-file", default=None, help="TOML adding or overriding API prices")
     s.set_defaults(func=run_cost_serve)
+
+    f = cost_sub.add_parser("finetune", help="LoRA or full fine-tuning: memory per GPU, GPUs needed, GPU-hours",
+                            description="What adapting open weights costs: memory per GPU for LoRA over an fp8 "
+                            "or bf16 base and for full fine-tuning, the GPUs each needs, and with --tokens the "
+                            "GPU-hours and dollars. Without --method (or with --compare) the three side by side.")
+    _add_common(f)
+    f.add_argument("--method", choices=("lora", "full"), default=None,
+                   help="show one method's table (default: only the comparison)")
+    f.add_argument("--base-precision", choices=("bf16", "fp8"), default=None,
+                   help="frozen base weights' dtype for --method lora (default fp8: e4m3 + 128x128 fp32 scales, "
+                        "the published checkpoint); full needs bf16")
+    f.add_argument("--compare", action="store_true",
+                   help="also print LoRA over fp8, LoRA over bf16 and full side by side (the default without --method)")
+    f.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default 16)")
+    f.add_argument("--lora-targets", nargs="+", default=None, metavar="PATTERN",
+                   help="module name patterns (dot-boundary suffix, or re:REGEX; default: every block linear "
+                        "and the routed experts, frugallm.tune.targets)")
+    f.add_argument("--lora-mtp", action="store_true", help="also adapt the MTP modules")
+    f.add_argument("--seq-len", type=int, default=4096, help="sequence length in tokens (default 4096)")
+    f.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-batch (default 1)")
+    f.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each block in the backward (default on, unlike `frugallm cost`: a "
+                        "DeepSeek-V3-sized model fits no catalogue GPU at seq_len 4096 without it)")
+    f.add_argument("--adam-moments", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of AdamW's two moments (default fp32)")
+    f.add_argument("--gpus", type=int, default=None,
+                   help="GPUs to shard over (default: the fewest that hold each method)")
+    f.add_argument("--tokens", type=float, default=None, help="tokens to fine-tune on, for GPU-hours and dollars")
+    f.add_argument("--mfu", type=float, default=None,
+                   help="model FLOPs utilisation in (0, 1] (default: DeepSeek-V3 pre-training's, cluster.toml)")
+    f.set_defaults(func=run_cost_finetune)
