@@ -131,9 +131,13 @@ class Trainer:
 
             require_hopper(self.device)
         # before any data is read: a run that cannot fit fails in a second
-        self.memory = check_memory(model_cfg, cfg, self.device, outer_precision=outer, kernels=self.kernels,
-                                   world_size=self.dist.world_size)
+        self.memory = self.check_memory(model_cfg, cfg, outer)
         self.memory_estimate, self.memory_available = self.memory.estimate, self.memory.available
+
+    def check_memory(self, model_cfg: ModelConfig, cfg: TrainConfig, outer: str) -> Any:
+        """The per-device memory estimate (``train.memory``), raising when it cannot fit."""
+        return check_memory(model_cfg, cfg, self.device, outer_precision=outer, kernels=self.kernels,
+                            world_size=self.dist.world_size)
 
     def memory_summary(self) -> str:
         return self.memory.summary(self.cfg)
@@ -282,6 +286,10 @@ class Trainer:
         """What a checkpoint keeps of the (unwrapped) model: None for its whole state dict."""
         return None
 
+    def flops_per_token(self) -> float | None:
+        """FLOPs one trained token costs; None: pretraining's (``cost.flops.train_flops_per_token``)."""
+        return None
+
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.seq_len
 
@@ -315,7 +323,7 @@ class Trainer:
             if before:
                 metrics.write({"step": 0, "tokens": 0, **before})
         meter = RateMeter(self.model_cfg, cfg, self.device, world_size=self.dist.world_size,
-                          compute=self.outer_precision, kernels=self.kernels)
+                          compute=self.outer_precision, kernels=self.kernels, flops_per_token=self.flops_per_token())
         tokens_per_step = self.tokens_per_step()
         interrupted = False
         ui = ProgressLine(enabled=self.progress and is_main)

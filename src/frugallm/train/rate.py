@@ -43,12 +43,14 @@ def device_peak_and_price(device: torch.device, precision: str, compute: str,
 
 class RateMeter:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, world_size: int = 1,
-                 compute: str | None = None, kernels: KernelPolicy | None = None):
+                 compute: str | None = None, kernels: KernelPolicy | None = None,
+                 flops_per_token: float | None = None):
+        """``flops_per_token``: what one trained token costs when it is not pretraining's (fine-tuning)."""
         self.cfg = cfg
         self.compute = compute or ("fp32" if cfg.precision == "fp32" else "bf16")
         self.world_size = world_size
         self.model_cfg = model_cfg
-        self.flops_per_token = train_flops_per_token(model_cfg, cfg.seq_len)
+        self.flops_per_token = flops_per_token or train_flops_per_token(model_cfg, cfg.seq_len)
         self.kernels = kernels
         self.kind, self.peak, default_price = device_peak_and_price(device, cfg.precision, self.compute, kernels)
         self._peak_checked = False

@@ -103,6 +103,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         if tuner.dist.is_main:
             console.print(f"run directory: {run_dir}   base: {ft.base}   method: {ft.method}   device: "
                           f"{tuner.device}   precision: {tuner.precision_label}   {tuner.dist.describe()}")
+            console.print(tuner.memory_summary())
         result = tuner.run()
         tuner.dist.close()
     if not tuner.dist.is_main:
@@ -138,9 +139,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=".jsonl files of {messages: [...]}, {prompt, completion} or {text} rows (default: the "
                         "built-in stdlib chat set)")
     p.add_argument("--method", choices=("lora", "full"), default=None, help="lora (default) or full")
-    p.add_argument("--lora-rank", type=int, default=None, help="adapter rank r (default 16)")
+    p.add_argument("--lora-rank", type=int, default=None, help="adapter rank r (default 8)")
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha; updates scale alpha/r "
-                   "(default 32)")
+                   "(default 16)")
     p.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input (default 0)")
     p.add_argument("--lora-targets", nargs="+", default=None, metavar="PATTERN",
                    help="module name patterns to adapt (default: MLA projections, MLPs, shared and routed "

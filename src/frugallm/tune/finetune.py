@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from frugallm.config import ModelConfig, reject_unknown_fields
-from frugallm.errors import CheckpointError, ConfigError, DataError
+from frugallm.errors import CheckpointError, ConfigError, DataError, ResourceError
 from frugallm.train.config import TrainConfig
 from frugallm.train.loop import Trainer
 from frugallm.tune.sft import IGNORE, OVERFLOW, SFTBatch, SFTConfig, load_sft, pack
@@ -318,6 +318,38 @@ class FineTuner(Trainer):
     def update_bias(self) -> bool:  # type: ignore[override]
         return self.ft.update_bias
 
+    def check_memory(self, model_cfg: ModelConfig, cfg: TrainConfig, outer: str) -> Any:
+        """Full fine-tuning is training (``train.memory``); LoRA holds the frozen base (e4m3 where kept) and
+        trains only the adapters (``cost.finetune``)."""
+        if self.ft.method == "full":
+            return super().check_memory(model_cfg, cfg, outer)
+        from frugallm.cost.finetune import finetune_memory
+        from frugallm.cost.memory import format_bytes
+        from frugallm.train.device import available_memory
+        from frugallm.train.memory import MemoryCheck
+
+        keep = self.ft.fp8_base == "keep" or (self.ft.fp8_base == "auto" and base_is_fp8(self.ft.base))
+        world = self.dist.world_size
+        mem = finetune_memory(model_cfg, method="lora", base_precision="fp8" if keep else "bf16",
+                              lora_rank=self.ft.lora_rank, targets=self.lora_cfg.targets, seq_len=cfg.seq_len,
+                              micro_batch=max(1, cfg.batch_size // cfg.grad_accum // world),
+                              activation_checkpointing=cfg.activation_checkpointing, adam_moments=cfg.adam_moments,
+                              gpus=world)
+        d = mem.as_dict()
+        if outer == "fp32":  # the base is held in float32 where the device computes in float32 (the CPU)
+            d["weights"] += mem.weights_bf16
+            d["total"] += mem.weights_bf16
+        est = {"weights": d["weights"] + d["gathered_layer"], "grads": d["grads"],
+               "optimizer": d["optimizer"], "activations": d["activations"], "step_buffers": d["step_buffers"],
+               "trainable": d["trainable_master"], "total": d["total"]}
+        available = available_memory(self.device)
+        if est["total"] > available:
+            parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in est.items() if v and k != "total")
+            raise ResourceError(f"LoRA fine-tuning needs about {format_bytes(est['total'])} but this "
+                                f"{self.device.type} device has {format_bytes(available)} ({parts}); shorten "
+                                f"--seq-len, lower --batch-size or pass --activation-checkpointing")
+        return MemoryCheck(est, available)
+
     # ----- set-up -------------------------------------------------------------------------------------
     def _check_resume(self) -> None:
         super()._check_resume()
@@ -403,6 +435,15 @@ class FineTuner(Trainer):
         """The base's held-out loss, to compare the result with."""
         self.before = self.evaluate(self.dist.unwrap(model), corpus, None)
         return {f"{k}_before": v for k, v in self.before.items()}
+
+    def flops_per_token(self) -> float | None:
+        """LoRA skips the base's weight gradients: about 2/3 of full training (``cost.finetune``)."""
+        if self.lora_cfg is None:
+            return None
+        from frugallm.cost.finetune import finetune_flops_per_token
+
+        return finetune_flops_per_token(self.model_cfg, self.cfg.seq_len, method="lora", lora_rank=self.ft.lora_rank,
+                                        targets=self.lora_cfg.targets)
 
     def checkpoint_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         if self.lora_cfg is None:
@@ -575,8 +616,8 @@ def load_finetuned(source: Any, device: torch.device | str = "cpu", dtype: torch
             keep.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
         with torch.random.fork_rng():
             load_checkpoint(source.path, model, None, tensors=keep)
-    merged = merge_lora(model)
-    return merged.to(dtype)
+    merge_lora(model)
+    return model.to(dtype)
 
 
 # ----- frugallm eval PATH --data FILE.jsonl -------------------------------------------------------------
