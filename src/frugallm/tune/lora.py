@@ -267,6 +267,10 @@ class LoraExperts(GroupedExperts):
         y = self.base.project(xs, which, groups)  # [rows, N]
         a, b = self.factors(which)
         dt = y.dtype
+        if groups.offs is not None and (self.rank * torch.finfo(dt).bits // 8) % 16:
+            # torch._grouped_mm wants 16-byte aligned strides, which a rank of r bf16 values is only when
+            # r % 8 == 0; otherwise the adapter runs one GEMM per expert on the same (unpadded) rows
+            groups = groups._replace(offs=None)
         h = F.dropout(xs, self.dropout, training=True) if self.training and self.dropout else xs
         h = grouped_linear(h.to(dt), a.to(dt), groups)  # [rows, r]
         return y + grouped_linear(h, (b * self.scaling).to(dt), groups)  # [rows, N]
