@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from shapes import MICRO
 
 from frugallm.cli import main
 from frugallm.data.tokenizer import save_tokenizer, train_tokenizer
@@ -18,6 +17,7 @@ from frugallm.model.hf import from_pretrained, save_pretrained
 from frugallm.rundir import find_model, load_model
 from frugallm.train.config import TrainConfig
 from frugallm.tune.finetune import FinetuneConfig, FineTuner, evaluate_sft
+from shapes import MICRO
 
 EOS = "<|endoftext|>"
 WORDS = ["cache", "latent", "expert", "router", "token", "block", "scale", "tile"]

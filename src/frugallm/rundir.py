@@ -99,11 +99,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     source = find_model(path)
     dtype = dtype or torch.float32
     if source.kind.startswith("adapter"):
-        from frugallm.tune.finetune import load_finetuned
-
         if source.kind == "adapter-checkpoint":
             log.warning("%s", source.note)
-        return load_finetuned(source, device=device, dtype=dtype), source
+        return _load_lora_run(source, device=device, dtype=dtype), source
     if source.kind != "checkpoint":
         return from_pretrained(source.path, device=device, dtype=dtype), source
     from frugallm.train.checkpoint import load_checkpoint
@@ -115,3 +113,54 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     with torch.random.fork_rng():  # a checkpoint restores the run's RNG states; loading one keeps ours
         load_checkpoint(source.path, model, None)
     return model, source
+
+
+def _load_lora_run(source: ModelSource, device: str | torch.device, dtype: torch.dtype) -> DeepseekV3LM:
+    """A LoRA run as one plain model: its base with the adapters merged in, so that serving and evaluation
+    run the base's kernels (the absorbed MLA decode included) at no adapter cost."""
+    import torch
+
+    from frugallm.train.checkpoint import load_checkpoint
+    from frugallm.train.runconfig import read_finetune_table
+    from frugallm.tune.lora import LoraConfig, apply_lora, merge_lora
+
+    ft = read_finetune_table(source.root / "config.toml") or {}
+    base = ft.get("base")
+    if not base or not Path(base).exists():
+        raise CheckpointError(f"{source.root}: its base model {base} (config.toml [finetune] base) is not there; "
+                              f"put it back, or edit base to where it is now")
+    model, _ = load_model(base, device=device, dtype=torch.float32)
+    if source.kind == "adapter":
+        from frugallm.tune.adapter import load_adapter
+
+        load_adapter(model, source.path)
+    else:
+        kw = {"rank": ft.get("lora_rank"), "alpha": ft.get("lora_alpha"), "dropout": ft.get("lora_dropout")}
+        if ft.get("lora_targets"):
+            kw["targets"] = tuple(ft["lora_targets"])
+        apply_lora(model, LoraConfig(**{k: v for k, v in kw.items() if v is not None}))
+        keep = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if ft.get("update_bias"):
+            keep.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+        with torch.random.fork_rng():
+            load_checkpoint(source.path, model, None, tensors=keep)
+    if source.kind == "adapter" and ft.get("update_bias"):
+        _load_expert_bias(model, source.root)
+    merge_lora(model)
+    return model.to(dtype)
+
+
+EXPERT_BIAS_FILE = "expert_bias.safetensors"  # a LoRA run's moved balancing bias (the PEFT format has no place)
+
+
+def _load_expert_bias(model: DeepseekV3LM, root: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = root / EXPERT_BIAS_FILE
+    if not path.is_file():
+        return
+    own = dict(model.named_buffers())
+    for name, t in load_file(str(path)).items():
+        if name not in own or own[name].shape != t.shape:
+            raise CheckpointError(f"{path}: {name} does not fit the model (shape {tuple(t.shape)})")
+        own[name].copy_(t)

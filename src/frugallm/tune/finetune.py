@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 from contextlib import nullcontext
@@ -500,8 +501,22 @@ class FineTuner(Trainer):
             return
         from frugallm.tune.adapter import save_adapter
 
-        save_adapter(self.dist.unwrap(model), self.run_dir / "adapter", self.lora_cfg,
+        inner = self.dist.unwrap(model)
+        save_adapter(inner, self.run_dir / "adapter", self.lora_cfg,
                      base_model_name_or_path=str(Path(self.ft.base).resolve()))
+        if self.update_bias:  # the PEFT format has no place for a buffer: beside it, read by frugallm only
+            from safetensors.torch import save_file
+
+            from frugallm import fsio
+            from frugallm.rundir import EXPERT_BIAS_FILE
+
+            bias = {n: b.detach().cpu().contiguous() for n, b in inner.named_buffers()
+                    if n.endswith("e_score_correction_bias")}
+            with fsio.atomic_path(self.run_dir / EXPERT_BIAS_FILE) as tmp:
+                save_file(bias, str(tmp))
+            logging.getLogger("frugallm.tune").warning(
+                "the experts' balancing bias moved (--update-bias): it is in %s, which peft does not read",
+                EXPERT_BIAS_FILE)
 
 
 def read_finetune_config(run_dir: str | Path) -> FinetuneConfig | None:
@@ -588,36 +603,6 @@ def _same_config(expected: ModelConfig, loaded: ModelConfig) -> ModelConfig:
     if expected.replace(num_nextn_predict_layers=loaded.num_nextn_predict_layers) != loaded:
         raise CheckpointError("the base model loaded with another configuration than its config names")
     return loaded
-
-
-def load_finetuned(source: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-                   ) -> torch.nn.Module:
-    """A LoRA run as one plain model: its base with the adapters merged in (``rundir``'s adapter kinds), so
-    serving and evaluation run the base's kernels, absorbed MLA decode included, at no adapter cost."""
-    from frugallm.rundir import load_model
-    from frugallm.train.checkpoint import load_checkpoint
-    from frugallm.tune.lora import apply_lora, merge_lora
-
-    ft = read_finetune_config(source.root)
-    if ft is None:
-        raise CheckpointError(f"{source.root}: no [finetune] table in config.toml")
-    if not Path(ft.base).exists():
-        raise CheckpointError(f"{source.root}: its base model {ft.base} (config.toml [finetune] base) is not there; "
-                              f"put it back or merge the run where it is")
-    model, _ = load_model(ft.base, device=device, dtype=torch.float32)
-    if source.kind == "adapter":
-        from frugallm.tune.adapter import load_adapter
-
-        load_adapter(model, source.path)
-    else:
-        apply_lora(model, ft.lora())
-        keep = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        if ft.update_bias:
-            keep.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
-        with torch.random.fork_rng():
-            load_checkpoint(source.path, model, None, tensors=keep)
-    merge_lora(model)
-    return model.to(dtype)
 
 
 # ----- frugallm eval PATH --data FILE.jsonl -------------------------------------------------------------

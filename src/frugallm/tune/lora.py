@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -65,14 +64,15 @@ from frugallm.kernels import KernelPolicy
 from frugallm.kernels.gemm import linear
 from frugallm.model.layers import Linear
 from frugallm.model.moe import ExpertGroups, GroupedExperts, grouped_linear
-
-DEFAULT_TARGETS: tuple[str, ...] = (
-    "q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",  # MLA
-    "gate_proj", "up_proj", "down_proj",  # dense MLPs and shared experts
-    "mlp.experts",  # routed experts: one adapter per expert and projection
+from frugallm.tune.targets import (
+    DEFAULT_TARGETS,
+    MTP_PREFIX,
+    NEVER_TARGETED,
+    invalid_pattern,
+    layer_pattern,
+    pattern_matches,
 )
-NEVER_TARGETED = ("lm_head",)  # linear, but the loss reads its weight directly (module doc)
-MTP_PREFIX = "model.mtp."
+
 ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -98,11 +98,9 @@ class LoraConfig:
                 or not all(isinstance(t, str) and t for t in targets):
             raise ConfigError(f"lora targets must be a non-empty list of name patterns, got {self.targets!r}")
         for t in targets:
-            if t.startswith("re:"):
-                try:
-                    re.compile(t[3:])
-                except re.error as e:
-                    raise ConfigError(f"lora targets: {t!r} is not a valid regular expression ({e})") from None
+            problem = invalid_pattern(t)
+            if problem:
+                raise ConfigError(f"lora targets: {problem}")
         object.__setattr__(self, "targets", tuple(targets))
         if not isinstance(self.mtp, bool):
             raise ConfigError(f"lora mtp must be true or false, got {self.mtp!r}")
@@ -116,13 +114,6 @@ class LoraConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return ADAPTER_DTYPES[self.dtype]
-
-
-def pattern_matches(pattern: str, name: str) -> bool:
-    """The module doc's pattern rule: dot-boundary suffix, or ``re:`` full match."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
 
 
 def _uniform_a(a: torch.Tensor, fan_in: int, generator: torch.Generator | None) -> None:
@@ -337,7 +328,7 @@ def _inside_lora(name: str, lora_names: list[str]) -> bool:
 
 def _shape_of_names(names: list[str]) -> str:
     """Distinct names with layer numbers as N, for error messages that show what exists."""
-    shown = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in names})
+    shown = sorted({layer_pattern(n) for n in names})
     return ", ".join(shown) if shown else "none"
 
 
