@@ -14,6 +14,14 @@ from frugallm.precision.fp8 import (
     update_recipes,
 )
 from frugallm.precision.fp8_linear import Fp8GroupedExperts, Fp8Linear
+from frugallm.precision.frozen import (
+    FrozenFp8Experts,
+    FrozenFp8Linear,
+    RequantizationError,
+    frozen_fp8_modules,
+    requantization_error,
+    requantize_blocks,
+)
 from frugallm.precision.quant import Fp8Tensor, dequantize, quantize, quantize_blocks, quantize_tiles
 from frugallm.precision.recipe import Fp8Recipe
 
@@ -21,5 +29,6 @@ __all__ = [
     "BACKENDS", "EmulatedBackend", "Fp8Backend", "HopperBackend", "hopper_unavailable_reason",
     "select_backend", "Fp8Recipe", "convert_to_fp8", "fp8_module_names",
     "update_recipes", "Fp8GroupedExperts", "Fp8Linear", "Fp8Tensor", "dequantize", "quantize", "quantize_blocks",
-    "quantize_tiles",
+    "quantize_tiles", "FrozenFp8Experts", "FrozenFp8Linear", "RequantizationError", "frozen_fp8_modules",
+    "requantization_error", "requantize_blocks",
 ]
