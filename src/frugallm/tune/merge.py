@@ -38,16 +38,31 @@ def merge_run(run_dir: str | Path, out: str | Path, *, fp8: bool = False) -> lis
     extra = {name: run / name for name in TOKENIZER_FILES if (run / name).is_file()}
     lines = [f"merged {source.path} into {ft.base}"]
     if fp8:
-        from frugallm.model.hf import save_pretrained_fp8
+        from frugallm.model.hf import published_fp8_modules
+        from frugallm.precision.frozen import requantization_error
 
-        err = save_pretrained_fp8(model, out, extra_files=extra)
-        lines.append(f"requantized to e4m3 with 128x128 block scales: relative error {err['relative_error']:.3e} "
-                     f"(Frobenius, over {err['weights']:,} weights), max abs error {err['max_abs_error']:.3e}")
+        err = requantization_error(_fp8_weights(model, published_fp8_modules(model)))
+        save_pretrained(model, out, extra_files=extra, fp8_blocks=True)
+        lines.append(f"requantized {err.elements:,} weights to e4m3 in 128x128 blocks: relative error "
+                     f"{err.rel_frobenius:.3e} (Frobenius, all weights), max abs error {err.max_abs:.3e}, worst "
+                     f"weight {err.worst} at {err.worst_rel:.3e}")
     else:
         save_pretrained(model, out, dtype=torch.bfloat16 if _base_is_low_precision(ft.base) else None,
                         extra_files=extra)
     lines.append(f"wrote {out}")
     return lines
+
+
+def _fp8_weights(model: torch.nn.Module, names: list[str]):  # type: ignore[no-untyped-def]
+    """(name, float weight) of each module the published layout stores in e4m3, one at a time."""
+    modules = dict(model.named_modules())
+    for name in names:
+        m = modules[name]
+        if hasattr(m, "weight"):
+            yield f"{name}.weight", m.weight
+        else:  # routed experts: the stacked projections
+            for which in m.PROJECTIONS:
+                yield f"{name}.{which}", getattr(m, which)
 
 
 def _base_is_low_precision(base: str) -> bool:
