@@ -411,6 +411,7 @@ class FineTuner(Trainer):
         if self.ft.freeze_router:
             for moe in model.moe_layers():
                 moe.gate.weight.requires_grad_(False)
+        self.model = model  # the unwrapped model, for tests and reports
         params = {id(p): p for p in model.parameters()}.values()
         self.trainable = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
         if self.cfg.activation_checkpointing:
