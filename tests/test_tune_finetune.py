@@ -185,3 +185,12 @@ def test_bad_settings_name_the_field(base) -> None:
     with pytest.raises(ConfigError, match="lora_rank"):
         FinetuneConfig(base=str(base), lora_rank=0)
     assert main(["finetune", "--data", "x.jsonl"]) == 2  # no --from
+
+
+def test_bias_update_switched_on_moves_and_is_kept(base, data, tmp_path) -> None:
+    _, result = tune(base, data, tmp_path / "bias", steps=3, update_bias=True)
+    assert (result.run_dir / "expert_bias.safetensors").is_file()
+    tuned, plain = load_model(result.run_dir)[0], from_pretrained(base)
+    moved = [not torch.equal(a.gate.e_score_correction_bias, b.gate.e_score_correction_bias)
+             for a, b in zip(tuned.moe_layers(), plain.moe_layers(), strict=True)]
+    assert all(moved)
