@@ -211,10 +211,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _sft_eval(args: argparse.Namespace, run_dir: Path) -> bool:
     """Conversation data (or a fine-tuning run without --data) is evaluated on its trained tokens."""
-    from frugallm.tune.finetune import looks_like_sft, read_finetune_config
+    from frugallm.tune.finetune import BUILTIN, looks_like_sft, read_finetune_config
 
     if args.data:
-        return looks_like_sft(list(args.data))
+        return list(args.data) == [BUILTIN] or looks_like_sft(list(args.data))
     return read_finetune_config(run_dir) is not None
 
 
@@ -263,7 +263,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("run_dir", help="a frugallm run directory, or any model directory with --data FILE.jsonl")
     e.add_argument("--data", nargs="+", default=None,
                    help="evaluate on this corpus's validation split; .jsonl conversations ({messages} or "
-                        "{prompt, completion} rows): the loss on their trained tokens")
+                        "{prompt, completion} rows) or builtin:stdlib-chat: the loss on their trained tokens")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--split", default="val", choices=("val", "all"),

@@ -308,7 +308,7 @@ class FineTuner(Trainer):
 
     def __init__(self, ft: FinetuneConfig, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  progress: bool = True, dist: Any = None, kernel_override: str | None = None):
-        self.ft = ft
+        self.ft = ft = ft.replace(base=str(Path(ft.base).resolve()), data=_absolute(ft.data))  # as recorded
         self.lora_cfg = ft.lora() if ft.method == "lora" else None
         super().__init__(base_config(ft.base), cfg, run_dir, resume=resume, progress=progress, dist=dist,
                          kernel_override=kernel_override)
@@ -380,8 +380,7 @@ class FineTuner(Trainer):
             raise ConfigError(f"the tokenizer in {tok_dir} produces id {_max_id(corpus)} but the model's "
                               f"vocab_size is {self.model_cfg.vocab_size}")
         if self.dist.is_main:
-            write_run_config(self.run_dir / "config.toml", self.model_cfg, self.cfg,
-                             finetune=self.ft.replace(base=str(Path(self.ft.base).resolve())).to_dict())
+            write_run_config(self.run_dir / "config.toml", self.model_cfg, self.cfg, finetune=self.ft.to_dict())
             for name in TOKENIZER_FILES:
                 if (tok_dir / name).is_file():
                     shutil.copyfile(tok_dir / name, self.run_dir / name)
@@ -593,6 +592,13 @@ def _indent(text: str, limit: int = 20) -> str:
     rows = text.splitlines()
     more = [f"    ... ({len(rows) - limit} more lines)"] if len(rows) > limit else []
     return "\n".join(["    " + r for r in rows[:limit]] + more)
+
+
+def _absolute(data: list[str] | None) -> list[str] | None:
+    """Data paths as the run records them: absolute, so eval and resume find them from any directory."""
+    if not data or data == [BUILTIN]:
+        return data
+    return [str(Path(p).resolve()) for p in data]
 
 
 def _max_id(corpus: SFTCorpus) -> int:
