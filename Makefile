@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch lies on this kind of machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test venv dev lint clean
+.PHONY: demo demo-finetune test venv dev lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ dev: $(VENV)/.dev
 demo: $(VENV)/.installed
 	$(BIN)/frugallm train
 	$(BIN)/frugallm generate runs/latest --prompt "def fibonacci(n):" --max-new-tokens 120
+
+# after `make demo`: LoRA on the built-in chat set (stdlib functions), held-out loss and a sample before and after
+demo-finetune: $(VENV)/.installed
+	$(BIN)/frugallm finetune --from runs/latest
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest

@@ -338,7 +338,7 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     lora_names = [n for n, m in modules.items() if isinstance(m, LORA_MODULES)]
     if lora_names:
         raise ConfigError(f"the model already has LoRA adapters ({lora_names[0]}, ...): merge_lora first")
-    adaptable = [n for n, m in modules.items() if n and _adaptable(m)]
+    adaptable = [n for n, m in modules.items() if n and _adaptable(m) and n not in NEVER_TARGETED]
     lenient = cfg.targets == DEFAULT_TARGETS
     chosen: set[str] = set()
     for pattern in cfg.targets:
@@ -348,6 +348,7 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
             raise ConfigError(f"lora targets: {pattern!r} matches {never[0]}, which cannot take an adapter "
                               f"(the loss reads its weight directly)")
         ok = [n for n in hits if n in adaptable]
+        shown = adaptable if cfg.mtp else [n for n in adaptable if not n.startswith(MTP_PREFIX)]
         if not cfg.mtp:
             ok_trunk = [n for n in ok if not n.startswith(MTP_PREFIX)]
             if ok and not ok_trunk and not lenient:
@@ -360,7 +361,7 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
             what = (f"matches only {hits[0]} ({type(modules[hits[0]]).__name__}), not a linear layer or "
                     f"routed experts" if hits else "matches no module")
             raise ConfigError(f"lora targets: {pattern!r} {what}; the modules that can take an adapter are: "
-                              f"{_shape_of_names(adaptable)}")
+                              f"{_shape_of_names(shown)}")
         chosen.update(ok)
     if not chosen:
         raise ConfigError(f"lora targets {list(cfg.targets)} select no module; the modules that can take "
