@@ -32,7 +32,7 @@ demo: $(VENV)/.installed
 
 # after `make demo`: LoRA on the built-in chat set (stdlib functions), held-out loss and a sample before and after
 demo-finetune: $(VENV)/.installed
-	$(BIN)/frugallm finetune --from runs/latest
+	$(BIN)/frugallm finetune --from runs/latest --lr 1e-3
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest
