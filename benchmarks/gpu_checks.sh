@@ -6,7 +6,8 @@
 #
 #     OUT=$OUT bash benchmarks/gpu_checks.sh          # outputs and a summary under $OUT (default runs/gpu_checks)
 #
-# Steps: the GPU environment; tests/test_fp8_gpu.py (hopper backend against the emulated reference on the GPU);
+# Steps: the GPU environment; tests/test_fp8_gpu.py and tests/test_tune_gpu.py (hopper backend against the emulated
+# reference on the GPU, for training and for a frozen FP8 base under LoRA; LoRA experts on grouped_mm);
 # fp8_speed.py (FP8 against BF16 GEMMs at deepseek-v2-lite and deepseek-v3 shapes, and a >1B-parameter step);
 # train_step_vs_hf.py on the GPU (bf16); fp8_parity.py with the builtin loop at a GPU-sized batch (bf16 peer).
 # Until a session runs it on a lent GPU, this script itself is untested on one.
@@ -33,7 +34,7 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, keep its outpu
 step env 60 $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), \
 torch.cuda.get_device_capability()); from frugallm.precision.backends import hopper_unavailable_reason as r; \
 print('hopper backend:', r() or 'available')"
-step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py
+step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py tests/test_tune_gpu.py
 step fp8_speed 180 $PY benchmarks/fp8_speed.py
 step train_step 90 $PY benchmarks/train_step_vs_hf.py --device cuda --dtype bfloat16 --steps 8
 step fp8_parity 150 $PY benchmarks/fp8_parity.py --loop builtin --steps 300 --batch-size 64 --seq-len 512 \

@@ -163,9 +163,9 @@ class LoraLinear(nn.Module):
         dt = y.dtype
         h = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
         h = linear(h.to(dt), self.lora_A.weight.to(dt), None, self.kernels)  # [*, r]
-        b = self.lora_B.weight.to(dt) * self.scaling  # [N, r]
-        # y + h B^T as one addmm: no separate pass over [M, N] for the sum
-        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.rank), b.t())  # [M, N]
+        b = self.lora_B.weight.to(dt)  # [N, r]
+        # y + s h B^T as one addmm: no separate pass over [M, N] for the sum, nor over B for the scale
+        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.rank), b.t(), alpha=self.scaling)
         return out.view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
@@ -263,6 +263,9 @@ class LoraExperts(GroupedExperts):
             # r % 8 == 0; otherwise the adapter runs one GEMM per expert on the same (unpadded) rows
             groups = groups._replace(offs=None)
         h = F.dropout(xs, self.dropout, training=True) if self.training and self.dropout else xs
+        E, r, K = a.shape
+        if groups.offs is None and E * r <= min(K, b.shape[1]):
+            return y + _dense_expert_adapter(h.to(dt), a.to(dt), b.to(dt), groups, self.scaling)
         h = grouped_linear(h.to(dt), a.to(dt), groups)  # [rows, r]
         return y + grouped_linear(h, (b * self.scaling).to(dt), groups)  # [rows, N]
 
@@ -298,6 +301,25 @@ LORA_MODULES = (LoraLinear, LoraExperts)
 
 
 # ----- applying, merging, counting ---------------------------------------------------------------------
+def _dense_expert_adapter(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: ExpertGroups,
+                          scaling: float) -> torch.Tensor:
+    """Every expert's adapter on its own rows as two dense GEMMs instead of 2E small ones: xs [rows, K] times
+    all E down-projections at once, A [E*r, K] -> [rows, E*r]; each row keeps only its own expert's r columns
+    (the rest multiplied by an exact zero), and the kept columns times all up-projections B [E*r, N] give
+    s * (xs A_e^T) B_e^T for each row's expert e. The same sums (a row's other experts add exact zeros), at
+    E times the adapter's FLOPs, which ``LoraExperts.project`` allows only while E*r is within the base's own
+    dims (so the adapter never costs more than the base projection): on the CPU, where each of the 2E small
+    GEMMs would cost its call overhead and its backward two more."""
+    E, r, K = a.shape
+    rows = xs.shape[0]
+    sizes = torch.tensor(groups.sizes, device=xs.device)
+    owner = torch.repeat_interleave(torch.arange(E, device=xs.device), sizes, output_size=rows)  # [rows]
+    keep = F.one_hot(owner, E).to(xs.dtype).unsqueeze(-1)  # [rows, E, 1]
+    h = (xs @ a.reshape(E * r, K).t()).view(rows, E, r) * keep  # [rows, E, r]
+    b_all = b.permute(0, 2, 1).reshape(E * r, b.shape[1]) * scaling  # [E*r, N]
+    return torch.mm(h.view(rows, E * r), b_all)  # [rows, N]
+
+
 @dataclass(frozen=True)
 class LoraReport:
     wrapped: tuple[str, ...]  # module names, in model order
