@@ -168,8 +168,9 @@ class Trainer:
                               f"{self.model_cfg.vocab_size}; raise vocab_size")
         return corpus
 
-    def _start(self):  # type: ignore[no-untyped-def]
-        """The run directory (refusing to train over another run's checkpoints) and the corpus."""
+    def _open_run_dir(self) -> None:
+        """Check a resumed run's settings, or refuse to train over another run's checkpoints; then create
+        the directory and seed."""
         if self.resume:
             self._check_resume()
         elif self.dist.is_main and (self.run_dir / "checkpoints").is_dir() and latest_checkpoint(self.run_dir):
@@ -177,6 +178,10 @@ class Trainer:
                               f"continue it, or choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.cfg.seed)
+
+    def _start(self):  # type: ignore[no-untyped-def]
+        """The run directory (``_open_run_dir``) and the corpus."""
+        self._open_run_dir()
         corpus = self._prepare_data()
         if self.dist.is_main:
             write_run_config(self.run_dir / "config.toml", self.model_cfg, self.cfg)

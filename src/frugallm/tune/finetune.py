@@ -365,16 +365,9 @@ class FineTuner(Trainer):
                               f"({', '.join(diff)}); resume with the run's own settings")
 
     def _start(self) -> SFTCorpus:  # type: ignore[override]
-        from frugallm.train.checkpoint import latest_checkpoint
         from frugallm.train.runconfig import write_run_config
 
-        if self.resume:
-            self._check_resume()
-        elif self.dist.is_main and (self.run_dir / "checkpoints").is_dir() and latest_checkpoint(self.run_dir):
-            raise ConfigError(f"{self.run_dir} already holds checkpoints; pass --resume {self.run_dir} to "
-                              f"continue it, or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(self.cfg.seed)
+        self._open_run_dir()
         tok_dir = tokenizer_dir(self.ft.base)
         corpus, template = prepare_sft(self.ft, self.cfg.seq_len, tok_dir, self.run_dir.parent / ".cache" / "sft")
         if corpus.report.tokens and self.model_cfg.vocab_size < _max_id(corpus) + 1:
