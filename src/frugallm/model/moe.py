@@ -184,9 +184,23 @@ class GroupedExperts(nn.Module):
         """xs [M, H] sorted by expert, counts [E]: apply each expert to its contiguous slice -> [M, H]."""
         xs = xs.to(self.compute_dtype(xs))
         rows, groups = self.group(xs, counts)
-        h = self.project(rows, "gate_up_proj", groups)  # [rows, 2*I_m]
-        ys = self.project(swiglu(h), "down_proj", groups)  # [rows, H]
+        if groups.offs is None and type(self).project is GroupedExperts.project:
+            ys = self._expert_by_expert(rows, groups)
+        else:
+            h = self.project(rows, "gate_up_proj", groups)  # [rows, 2*I_m]
+            ys = self.project(swiglu(h), "down_proj", groups)  # [rows, H]
         return from_buckets(ys, groups.dest)  # [M, H]
+
+    def _expert_by_expert(self, rows: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        """Both projections one expert at a time: the same GEMMs as two ``project`` calls, but each expert's
+        [m_e, 2I] intermediate is small and freed before the next, where one [rows, 2I] buffer for all
+        experts is large enough for the allocator to map it fresh (page faults) on every step."""
+        gate_up, down = self.gate_up_proj.to(rows.dtype), self.down_proj.to(rows.dtype)
+        outs = []
+        for chunk, w_gu, w_d in zip(rows.split(groups.sizes), gate_up.unbind(0), down.unbind(0), strict=True):
+            if chunk.shape[0]:
+                outs.append(F.linear(swiglu(F.linear(chunk, w_gu)), w_d))  # [m_e, 2I] -> [m_e, H]
+        return torch.cat(outs) if outs else rows.new_zeros(0, self.hidden)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [N, H], indices/gates [N, k] -> sum_j gates[:, j] * expert_{indices[:, j]}(x)  [N, H]."""
