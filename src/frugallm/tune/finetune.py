@@ -173,12 +173,17 @@ def tokenizer_dir(path: str | Path) -> Path:
     raise CheckpointError(f"--from {path}: no tokenizer.json in {source.path} or {source.root}")
 
 
+def keeps_fp8(ft: FinetuneConfig) -> bool:
+    """Whether the base's e4m3 weights stay e4m3 (``fp8_base``: keep, or auto for LoRA over an FP8 checkpoint)."""
+    return ft.fp8_base == "keep" or (ft.fp8_base == "auto" and ft.method == "lora" and base_is_fp8(ft.base))
+
+
 def load_base(ft: FinetuneConfig, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
     """The base model, with FP8 weights kept in e4m3 where ``fp8_base`` says so."""
     from frugallm.model.hf import from_pretrained
     from frugallm.rundir import find_model, load_model
 
-    keep = ft.fp8_base == "keep" or (ft.fp8_base == "auto" and ft.method == "lora" and base_is_fp8(ft.base))
+    keep = keeps_fp8(ft)
     source = find_model(ft.base)
     if keep:
         return from_pretrained(source.path, device=device, dtype=dtype, fp8="keep")
@@ -330,7 +335,7 @@ class FineTuner(Trainer):
         from frugallm.train.device import available_memory
         from frugallm.train.memory import MemoryCheck
 
-        keep = self.ft.fp8_base == "keep" or (self.ft.fp8_base == "auto" and base_is_fp8(self.ft.base))
+        keep = keeps_fp8(self.ft)
         world = self.dist.world_size
         mem = finetune_memory(model_cfg, method="lora", base_precision="fp8" if keep else "bf16",
                               lora_rank=self.ft.lora_rank, targets=self.lora_cfg.targets, seq_len=cfg.seq_len,
