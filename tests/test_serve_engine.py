@@ -360,3 +360,65 @@ def test_block_pool_accounting() -> None:
     assert pool.lookup(h) == blocks[0] and pool.reserved == 0
     assert pool.refs[blocks[0]] == 1 and len(pool.lru) == 0
     assert chain_hash(pool.root, [1, 2, 3, 4]) != chain_hash(chain_hash(pool.root, [0]), [1, 2, 3, 4])
+
+
+# ----- log-probabilities of the sampled tokens, and weights that change under the engine ---------------------
+@pytest.mark.parametrize("speculative", [False, True])
+def test_logprobs_equal_the_training_forward(mtp_model, speculative):
+    """Each reported log-probability (and its top-k) is log-softmax of the full forward's logits at temperature
+    1 at that position, sampled at temperature 0.8, with or without MTP drafting."""
+    model, cycle = mtp_model
+    eng = engine(model, speculative=speculative)
+    p = SamplingParams(max_tokens=12, temperature=0.8, seed=3, logprobs=3, ignore_eos=True)
+    (c,) = eng.generate([cycle[:6]], p)
+    assert len(c.logprobs) == len(c.token_ids) == 12
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([cycle[:6] + c.token_ids]))[0].float(), -1)  # [T, V]
+    for i, (tok, rec) in enumerate(zip(c.token_ids, c.logprobs, strict=True)):
+        assert rec.token == tok
+        assert rec.logprob == pytest.approx(float(lp[5 + i, tok]), abs=1e-4)
+        top_vals, top_ids = lp[5 + i].topk(3)
+        assert [t for t, _ in rec.top] == top_ids.tolist()
+        assert [v for _, v in rec.top] == pytest.approx(top_vals.tolist(), abs=1e-4)
+
+
+def test_logprobs_are_off_by_default_and_bounded():
+    eng = engine(tiny())
+    (c,) = eng.generate([prompt(5)], SamplingParams(max_tokens=3, temperature=0))
+    assert c.logprobs == [] and c.eos is None
+    with pytest.raises(RequestError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
+def test_the_eos_token_it_stopped_at_keeps_its_logprob():
+    model = tiny()
+    eng = Engine(model, None, EngineConfig(block_size=8, cache_memory=1 << 20))
+    (c,) = eng.generate([prompt(5)], SamplingParams(max_tokens=1, temperature=0, logprobs=0))
+    first = c.token_ids[0]
+    eng.eos_ids = {first}  # the greedy first token is now the end of sequence
+    (c,) = eng.generate([prompt(5)], SamplingParams(max_tokens=4, temperature=0, logprobs=0))
+    assert c.token_ids == [] and c.finish_reason == "stop"
+    assert c.eos is not None and c.eos.token == first and c.eos.logprob < 0
+
+
+def test_weights_updated_drops_the_prefix_cache():
+    """After the weights change in place, a repeated prompt is computed again with the new weights (no stale
+    prefix block), and its output is what a fresh engine on the new weights gives."""
+    model = tiny()
+    eng = engine(model)
+    shared = prompt(40, seed=4)
+    eng.generate([shared], GREEDY)
+    eng.generate([shared], GREEDY)
+    assert eng.counters["cache_hit_tokens"] > 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    eng.weights_updated()
+    hits = eng.counters["cache_hit_tokens"]
+    (after,) = eng.generate([shared], GREEDY)
+    assert eng.counters["cache_hit_tokens"] == hits
+    (fresh,) = engine(model).generate([shared], GREEDY)
+    assert after.token_ids == fresh.token_ids
+    eng.submit(shared, GREEDY)
+    with pytest.raises(RuntimeError, match="in flight"):
+        eng.weights_updated()

@@ -213,6 +213,17 @@ class BlockPool:
         self.register(block, h)
         return block
 
+    def forget_prefixes(self, namespace: str) -> None:
+        """Drop every published block (the model that computed them changed) and start a new hash chain."""
+        for block in list(self.lru):
+            self.hash_of[block] = None
+            self.free.append(block)
+        self.lru.clear()
+        for block in self.index.values():
+            self.hash_of[block] = None
+        self.index.clear()
+        self.root = root_hash(namespace)
+
     def contains(self, h: bytes) -> bool:
         return h in self.index or (self.spill is not None and self.spill.has(h))
 

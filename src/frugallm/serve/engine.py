@@ -50,8 +50,10 @@ from frugallm.serve.sampling import (
     RequestError,
     SamplingParams,
     TextStream,
+    TokenLogprob,
     make_generator,
     sample,
+    token_logprob,
     verify,
 )
 
@@ -115,6 +117,7 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort | error
     usage: Usage | None = None  # on the finished output
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry, with params.logprobs
 
 
 @dataclass
@@ -125,6 +128,8 @@ class Completion:
     finish_reason: str
     usage: Usage
     logits: list[torch.Tensor] = field(default_factory=list)  # with EngineConfig.record_logits
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry, with params.logprobs
+    eos: TokenLogprob | None = None  # the end-of-sequence token it stopped at (not in token_ids), with logprobs
 
 
 class Sequence:
@@ -150,6 +155,8 @@ class Sequence:
         self.submitted = time.perf_counter()
         self.new_ids: list[int] = []
         self.new_text = ""
+        self.new_logprobs: list[TokenLogprob] = []
+        self.eos: TokenLogprob | None = None
         self.finish_reason: str | None = None
         self.logits: list[torch.Tensor] = []
 
@@ -174,6 +181,7 @@ class Engine:
         self.layout = CacheLayout(n_layers=mcfg.num_hidden_layers + int(self.spec), width=entry_width(mcfg),
                                   dtype=dtype)
         namespace = f"{mcfg.to_dict()}|{self.layout}|{_weights_fingerprint(model)}"
+        self._namespace, self.weights_version = namespace, 0
         self.pool = BlockPool(self.layout, block_size=cfg.block_size, max_bytes=cfg.cache_memory,
                               device=param.device, spill_dir=cfg.spill_dir, spill_max_bytes=cfg.spill_max_bytes,
                               namespace=namespace)
@@ -201,6 +209,17 @@ class Engine:
         """Cache bytes one token of context occupies in the main model: ``(r_kv + d_r) * L * dtype size``
         for MLA (the MTP block's row, when drafting, adds one layer's worth)."""
         return cache_bytes_per_token(self.model.config, self.layout.dtype)
+
+    def weights_updated(self) -> None:
+        """The model's weights changed in place (a training step on the same modules: GRPO's rollouts come
+        from the policy being trained, with no copy and no round trip through disk). Cached prefix blocks
+        were computed by the old weights, so none is found again: the pool's index and LRU are emptied and
+        the hash chain gets a new root (a spill directory's old files never match). Call between steps,
+        with no request in flight."""
+        if self.has_work():
+            raise RuntimeError("weights_updated() with requests in flight; finish or abort them first")
+        self.weights_version += 1
+        self.pool.forget_prefixes(f"{self._namespace}|v{self.weights_version}")
 
     # ----- requests (thread-safe) ---------------------------------------------------------------------
     def submit(self, prompt: list[int] | str, params: SamplingParams | None = None,
@@ -485,10 +504,14 @@ class Engine:
             seq.tokens.append(tok)
             if self.config.record_logits:
                 seq.logits.append(lg.detach().clone())
+            lp = token_logprob(lg, tok, seq.params.logprobs) if seq.params.logprobs is not None else None
             if tok in self.eos_ids and not seq.params.ignore_eos:
+                seq.eos = lp
                 self._finish(seq, "stop")
                 return
             seq.new_ids.append(tok)
+            if lp is not None:
+                seq.new_logprobs.append(lp)
             if seq.stream is not None:
                 seq.new_text += seq.stream.push(tok)
                 if seq.stream.stopped:
@@ -527,9 +550,9 @@ class Engine:
                 continue
             done = seq.finish_reason is not None
             outs.append(StepOutput(seq.id, seq.new_text, seq.new_ids, done, seq.finish_reason,
-                                   seq.usage if done else None))
+                                   seq.usage if done else None, seq.new_logprobs))
             new_tokens += len(seq.new_ids)
-            seq.new_ids, seq.new_text = [], ""
+            seq.new_ids, seq.new_text, seq.new_logprobs = [], "", []
         if new_tokens:
             self._recent.append((time.perf_counter(), new_tokens))
         self._last_finished = {s.id: s for s in self._done}
@@ -557,6 +580,7 @@ class Engine:
         ids = [self.submit(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         texts = {i: [] for i in ids}
         toks: dict[str, list[int]] = {i: [] for i in ids}
+        lps: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
         done: dict[str, Completion] = {}
         while len(done) < len(ids):
             for out in self.step():
@@ -564,11 +588,12 @@ class Engine:
                     continue
                 texts[out.request_id].append(out.text)
                 toks[out.request_id] += out.token_ids
+                lps[out.request_id] += out.logprobs
                 if out.finished:
-                    seq = self._last_finished[out.request_id]
-                    done[out.request_id] = Completion(out.request_id, "".join(texts[out.request_id]),
-                                                      toks[out.request_id], out.finish_reason or "stop",
-                                                      out.usage or Usage(), seq.logits)
+                    rid = out.request_id
+                    seq = self._last_finished[rid]
+                    done[rid] = Completion(rid, "".join(texts[rid]), toks[rid], out.finish_reason or "stop",
+                                           out.usage or Usage(), seq.logits, lps[rid], seq.eos)
         return [done[i] for i in ids]
 
     # ----- metrics ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from frugallm.errors import ConfigError, ResourceError
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's API
 
 
 class RequestError(ConfigError):
@@ -42,6 +43,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: each output token's log-probability and the top k alternatives
 
     def __post_init__(self) -> None:
         def bad(param: str, allowed: str, got: object) -> RequestError:
@@ -57,6 +59,8 @@ class SamplingParams:
             raise bad("top_k", "an integer >= -1 (-1 or 0 turn it off)", self.top_k)
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "an integer", self.seed)
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
@@ -99,6 +103,26 @@ def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         probs = probs / probs.sum()
     return probs
+
+
+@dataclass
+class TokenLogprob:
+    """One position's log-probabilities: log-softmax of the model's logits at temperature 1, whatever the
+    sampling temperature (OpenAI's and vLLM's definition, and the policy GRPO's ratio is taken over)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the k most likely tokens, most likely first
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """logits [V] (float32) -> the log-probability of ``token`` and the top ``k`` alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [V]
+    top: list[tuple[int, float]] = []
+    if k:
+        vals, ids = lp.topk(k)
+        top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+    return TokenLogprob(int(token), float(lp[token]), top)
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator
