@@ -14,6 +14,7 @@ AREAS = [
     "frugallm.data.curate.cli",
     "frugallm.train.cli",
     "frugallm.tune.cli",
+    "frugallm.rl.cli",
     "frugallm.cost.cli",
     "frugallm.serve.cli",
 ]

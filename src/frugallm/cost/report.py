@@ -51,8 +51,10 @@ def run_cost(*, cfg: ModelConfig, seq_len: int, tokens: int, wall_seconds: float
              device_count: int, price_per_device_hour: float | None,
              peak_flops_per_device: float | None) -> dict[str, Any]:
     """The cost.json record of a run that trained ``tokens`` tokens in ``wall_seconds`` on
-    ``device_count`` devices. FLOPs come from the FLOP model, not from a counter, so runs compare."""
-    _positive("tokens", tokens)
+    ``device_count`` devices. FLOPs come from the FLOP model, not from a counter, so runs compare. ``tokens``
+    may be 0 (an RL run whose every group carried no signal trains nothing, yet its time still cost)."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ConfigError(f"tokens must be an integer >= 0, got {tokens!r}")
     _positive("wall_seconds", wall_seconds)
     _positive("device_count", device_count)
     _positive("price_per_device_hour", price_per_device_hour, allow_none=True)

@@ -296,6 +296,7 @@ class Trainer:
         return None
 
     def tokens_per_step(self) -> int:
+        """Tokens the step just taken trained on."""
         return self.cfg.batch_size * self.cfg.seq_len
 
     def _record(self, clock: _Clock, lr: float, sums: torch.Tensor, loads: torch.Tensor | None,
@@ -329,7 +330,6 @@ class Trainer:
                 metrics.write({"step": 0, "tokens": 0, **before})
         meter = RateMeter(self.model_cfg, cfg, self.device, world_size=self.dist.world_size,
                           compute=self.outer_precision, kernels=self.kernels, flops_per_token=self.flops_per_token())
-        tokens_per_step = self.tokens_per_step()
         interrupted = False
         ui = ProgressLine(enabled=self.progress and is_main)
         ui.start(cfg.max_steps, clock.step)
@@ -341,6 +341,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 lr = wsd_lr(cfg, clock.step, self._progress_fraction(clock.step, clock.tokens, clock.elapsed(t0)))
                 sums, loads, grad_norm = self._step(model, optimizer, loader, lr)
+                tokens_per_step = self.tokens_per_step()  # after the step: RL's depends on its rollouts
                 clock.step += 1
                 clock.tokens += tokens_per_step
                 meter.update(tokens_per_step, time.perf_counter() - t0)

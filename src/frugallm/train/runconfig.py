@@ -31,20 +31,28 @@ def _untable(t: dict[str, Any]) -> dict[str, Any]:
     return t
 
 
-TABLES = ("model", "train", "finetune")
+TABLES = ("model", "train", "finetune", "rl")
 
 
 def write_run_config(path: Path, model: ModelConfig, train: TrainConfig,
-                     finetune: dict[str, Any] | None = None) -> None:
+                     finetune: dict[str, Any] | None = None, rl: dict[str, Any] | None = None) -> None:
     tables = {"model": _table(model.to_dict()), "train": _table(train.to_dict())}
     if finetune is not None:
         tables["finetune"] = _table(finetune)
+    if rl is not None:
+        tables["rl"] = _table(rl)
     fsio.write_text(path, tomli_w.dumps(tables))
 
 
 def read_finetune_table(path: str | Path) -> dict[str, Any] | None:
     """The ``[finetune]`` table of a run's config.toml (None fields restored), or None for other runs."""
     table = read_toml(path).get("finetune")
+    return None if table is None else _untable(table)
+
+
+def read_rl_table(path: str | Path) -> dict[str, Any] | None:
+    """The ``[rl]`` table of an RL run's config.toml (``frugallm.rl.trainer.RLConfig``), or None."""
+    table = read_toml(path).get("rl")
     return None if table is None else _untable(table)
 
 

@@ -542,7 +542,7 @@ def _logged_before(run_dir: Path) -> dict[str, Any]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "val_loss_before" in rec:
+        if any(k.endswith("_before") for k in rec):
             return {k[: -len("_before")]: v for k, v in rec.items() if k.endswith("_before")}
     return {}
 

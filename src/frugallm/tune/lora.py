@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -427,6 +429,20 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             seen.add(id(p))
             out.append((name, p))
     return out
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model, computed by the same modules: every adapter's scale is 0 inside the block (GRPO's
+    reference policy under LoRA, with no second copy of the weights). Restored on exit, also on error."""
+    saved = [(m, m.scaling) for _, m in lora_modules(model)]
+    try:
+        for m, _ in saved:
+            m.scaling = 0.0
+        yield model
+    finally:
+        for m, s in saved:
+            m.scaling = s
 
 
 def merge_lora(model: nn.Module) -> list[str]:
