@@ -4,7 +4,7 @@ computed for every sampled token.
 The engine (``serve.engine``) runs over the very modules the trainer updates, so the weights reach it after
 every update in memory, with no copy; ``Engine.weights_updated()`` then drops the prefix blocks the old
 weights computed. A group's G samples share their prompt: the first sample of each prompt is prefilled on
-its own (one token), which publishes the prompt's full blocks, and then all P * G samples start from the
+its own (two tokens), which publishes the prompt's full blocks, and then all P * G samples start from the
 prefix cache and decode together in one continuous batch.
 
 Log-probabilities are the engine's, at temperature 1 (``serve.sampling.TokenLogprob``): the policy whose
@@ -41,8 +41,9 @@ def sample_groups(engine: Engine, prompts: list[list[int]], group_size: int, *, 
     """``group_size`` samples of each prompt (token ids), seeded per sample so that a run is reproducible."""
     t0 = time.perf_counter()
     before = dict(engine.counters)
-    warm = SamplingParams(max_tokens=1, temperature=0)
-    engine.generate(prompts, warm)  # publishes each prompt's full blocks for its group
+    # publishes each prompt's full blocks for its group; two tokens, so that with MTP drafting the draft
+    # module's rows of the prompt are final too (a sequence done at its first token never runs it)
+    engine.generate(prompts, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     hits0, misses0 = engine.counters["cache_hit_tokens"], engine.counters["cache_miss_tokens"]
     rows = [(p, g) for p in range(len(prompts)) for g in range(group_size)]
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=0,

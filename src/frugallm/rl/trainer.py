@@ -282,7 +282,7 @@ class GRPOTrainer(FineTuner):
                     parts = self._micro_loss(model, batch, sl, batch_adv[sl], ref, n_tokens, n_seqs)
                     parts.loss.backward()
                     share = float(batch.mask[sl].sum()) / max(n_tokens, 1)
-                    loss_sum += float(parts.loss)
+                    loss_sum += float(parts.loss.detach())
                     clip_sum += parts.clip_fraction * share
                     kl_sum += parts.kl * share
                 norms.append(float(self.dist.clip_grad_norm(model, self.cfg.grad_clip)))
