@@ -294,12 +294,16 @@ class Engine:
         self._drain_inbox()
         self._admit()
         budget = self.config.prefill_chunk
-        prefilled = set()
-        for seq in list(self.prefilling):
+        chunks: list[tuple[Sequence, int, int]] = []  # (sequence, start, end) of this step's prompt tokens
+        for seq in self.prefilling:
             if budget <= 0:
                 break
-            budget -= self._prefill_chunk(seq, budget)
-            prefilled.add(seq.id)
+            end = min(len(seq.prompt), seq.compute_from + budget)
+            chunks.append((seq, seq.compute_from, end))
+            budget -= end - seq.compute_from
+        prefilled = {seq.id for seq, _, _ in chunks}
+        if chunks:
+            self._prefill(chunks)
         decoding = [s for s in self.running if s.id not in prefilled]
         if decoding:
             t1 = time.perf_counter()
@@ -383,28 +387,40 @@ class Engine:
             seq.reserved -= 1
 
     # ----- prefill ------------------------------------------------------------------------------------
-    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
+    def _prefill(self, chunks: list[tuple[Sequence, int, int]]) -> None:
+        """Prompt tokens start..end of each sequence, all in one forward (rows padded to the longest chunk:
+        many short prompts, such as the G samples of one GRPO prompt after the prefix cache, cost one pass
+        of the layers, not one each); a sequence whose prompt ends here samples its first token."""
         t0 = time.perf_counter()
-        n = len(seq.prompt)
-        start = seq.compute_from
-        end = min(n, start + budget)
-        self._ensure_slots(seq, end + int(self.spec))
-        ids = torch.tensor([seq.prompt[start:end]], device=self.device)
-        h = self.runner.main(ids, [Row(seq.table, start, end - start, seq.n_cached)], prefill=True)  # [1, S, H]
-        seq.n_cached, seq.compute_from = end, end
-        if self.spec:
-            seq.h_tail = h[0] if seq.h_tail is None else torch.cat([seq.h_tail, h[0]])
-        if end == n:
-            logits = self.runner.logits(h[0, -1])  # [V]
-            token, _ = sample(logits, seq.params, seq.gen)
+        rows = []
+        for seq, start, end in chunks:
+            self._ensure_slots(seq, end + int(self.spec))
+            rows.append(Row(seq.table, start, end - start, seq.n_cached))
+        width = max(r.n for r in rows)
+        ids = torch.tensor([seq.prompt[start:end] + [0] * (width - end + start) for seq, start, end in chunks],
+                           device=self.device)  # [B, S]; padding is neither written nor read back
+        h = self.runner.main(ids, rows, prefill=True)  # [B, S, H]
+        ending = [b for b, (seq, _, end) in enumerate(chunks) if end == len(seq.prompt)]
+        logits = self.runner.logits(h[ending, [rows[b].n - 1 for b in ending]]) if ending else None  # [E, V]
+        for b, (seq, _, end) in enumerate(chunks):
+            seq.n_cached, seq.compute_from = end, end
+            if self.spec:
+                fresh = h[b, : rows[b].n]
+                seq.h_tail = fresh if seq.h_tail is None else torch.cat([seq.h_tail, fresh])
+        for i, b in enumerate(ending):
+            seq = chunks[b][0]
+            token, _ = sample(logits[i], seq.params, seq.gen)
             self.prefilling.remove(seq)
             self.running.append(seq)
-            self._commit(seq, [token], [logits])
-        if self.spec and seq.finish_reason is None:
-            self._run_mtp([seq], prefill=True)
-        self._register_blocks(seq)
-        seq.usage.compute_seconds += time.perf_counter() - t0
-        return end - start
+            self._commit(seq, [token], [logits[i]])
+        if self.spec:
+            live = [seq for seq, _, _ in chunks if seq.finish_reason is None]
+            if live:
+                self._run_mtp(live, prefill=True)
+        share = (time.perf_counter() - t0) / len(chunks)
+        for seq, _, _ in chunks:
+            self._register_blocks(seq)
+            seq.usage.compute_seconds += share
 
     # ----- decode -------------------------------------------------------------------------------------
     def _decode_plain(self, seqs: list[Sequence]) -> None:
