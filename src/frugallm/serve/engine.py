@@ -34,7 +34,7 @@ import itertools
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,12 +46,14 @@ from frugallm.model.transformer import DeepseekV3LM
 from frugallm.serve.cache import BlockPool, CacheLayout, cache_bytes_per_token, chain_hash, entry_width
 from frugallm.serve.runner import ModelRunner, Row
 from frugallm.serve.sampling import (
+    MAX_LOGPROBS,
     QueueFullError,
     RequestError,
     SamplingParams,
     TextStream,
     TokenLogprob,
     make_generator,
+    position_logprobs,
     sample,
     token_logprob,
     verify,
@@ -63,6 +65,10 @@ if TYPE_CHECKING:
 
 SPEC_WINDOW = 4  # drafts over which a sequence's acceptance is judged
 SPEC_BACKOFF = (16, 128)  # steps without drafting after a poor window: first, most
+# prompt log-probabilities kept beside published blocks (by block hash), so a scoring request whose context
+# comes from the prefix cache still has every position's log-probability: at most this many blocks' worth
+# (each block_size * (1 + MAX_LOGPROBS) floats and ids; ~5 KiB at block size 16)
+PROMPT_LOGPROB_BLOCKS = 4096
 
 
 @dataclass(kw_only=True)
@@ -118,6 +124,8 @@ class StepOutput:
     finish_reason: str | None = None  # stop | length | abort | error
     usage: Usage | None = None  # on the finished output
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry, with params.logprobs
+    # with params.prompt_logprobs, on the first output: one per prompt token, the first None (nothing before it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -130,6 +138,7 @@ class Completion:
     logits: list[torch.Tensor] = field(default_factory=list)  # with EngineConfig.record_logits
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry, with params.logprobs
     eos: TokenLogprob | None = None  # the end-of-sequence token it stopped at (not in token_ids), with logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs
 
 
 class Sequence:
@@ -157,6 +166,10 @@ class Sequence:
         self.new_text = ""
         self.new_logprobs: list[TokenLogprob] = []
         self.eos: TokenLogprob | None = None
+        # prompt_lps[p]: log-probability of prompt token p (top MAX_LOGPROBS), with params.prompt_logprobs
+        self.prompt_lps: list[TokenLogprob | None] = [None]
+        self.lps_stored = 0  # leading blocks whose prompt log-probabilities are in the engine's store
+        self.new_prompt_lps: list[TokenLogprob | None] | None = None
         self.finish_reason: str | None = None
         self.logits: list[torch.Tensor] = []
 
@@ -202,6 +215,7 @@ class Engine:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for tokens per second
         self._done: list[Sequence] = []  # finished this step, reported by _flush_outputs
         self._last_finished: dict[str, Sequence] = {}
+        self._block_lps: OrderedDict[bytes, list[TokenLogprob]] = OrderedDict()  # block hash -> its tokens'
 
     # ----- sizes --------------------------------------------------------------------------------------
     @property
@@ -219,6 +233,7 @@ class Engine:
         if self.has_work():
             raise RuntimeError("weights_updated() with requests in flight; finish or abort them first")
         self.weights_version += 1
+        self._block_lps.clear()
         self.pool.forget_prefixes(f"{self._namespace}|v{self.weights_version}")
 
     # ----- requests (thread-safe) ---------------------------------------------------------------------
@@ -238,7 +253,7 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         n, ctx = len(prompt), self.max_model_len
-        if n >= ctx:
+        if n >= ctx and not (n == ctx and params.max_tokens == 0):
             raise RequestError(f"this model's maximum context length is {ctx} tokens, but the prompt has {n} "
                                f"tokens (no room for any output)", param="prompt", code="context_length_exceeded")
         max_tokens = params.max_tokens if params.max_tokens is not None else ctx - n
@@ -356,9 +371,17 @@ class Engine:
                 # at least the last prompt token is computed: its logits give the first output token
                 for k in range((len(seq.prompt) - 1) // bs):
                     h = chain_hash(parent, seq.prompt[k * bs : (k + 1) * bs])
+                    # a scoring request needs the block's prompt log-probabilities too, else it recomputes
+                    if seq.params.prompt_logprobs is not None and h not in self._block_lps:
+                        break
                     block = self.pool.lookup(h)
                     if block is None:
                         break
+                    if seq.params.prompt_logprobs is not None:
+                        self._block_lps.move_to_end(h)
+                        lps = self._block_lps[h]
+                        seq.prompt_lps.extend(lps[1:] if k == 0 else lps)
+                        seq.lps_stored += 1
                     seq.table.append(block)
                     seq.hashes.append(h)
                     seq.reserved -= 1
@@ -369,6 +392,9 @@ class Engine:
             # state h_{m-1}, so its main forward is recomputed (not rewritten) when drafting
             seq.n_mtp = max(m - 1, 0) if self.spec else 0
             seq.compute_from = seq.n_mtp if self.spec else m
+            if seq.params.prompt_logprobs is not None and m:
+                # prompt token m is scored by the logits at m-1: recompute (not rewrite) that position
+                seq.compute_from = min(seq.compute_from, m - 1)
             seq.usage.prompt_cache_hit_tokens = m
             seq.usage.prompt_cache_miss_tokens = len(seq.prompt) - m
             self.counters["cache_hit_tokens"] += m
@@ -394,15 +420,36 @@ class Engine:
         seq.n_cached, seq.compute_from = end, end
         if self.spec:
             seq.h_tail = h[0] if seq.h_tail is None else torch.cat([seq.h_tail, h[0]])
+        if seq.params.prompt_logprobs is not None:
+            logits_all = self.runner.logits(h[0])  # [S, V]
+            last = logits_all[-1]
+            # position p's logits score prompt token p+1; positions already scored (from the store) are skipped
+            lo = len(seq.prompt_lps) - 1
+            hi = min(end, n - 1)
+            if hi > lo:
+                nxt = torch.tensor(seq.prompt[lo + 1 : hi + 1])
+                seq.prompt_lps += position_logprobs(logits_all[lo - start : hi - start], nxt, MAX_LOGPROBS)
+        elif end == n:
+            last = self.runner.logits(h[0, -1])  # [V]
         if end == n:
-            logits = self.runner.logits(h[0, -1])  # [V]
-            token, _ = sample(logits, seq.params, seq.gen)
             self.prefilling.remove(seq)
-            self.running.append(seq)
-            self._commit(seq, [token], [logits])
+            k = seq.params.prompt_logprobs
+            if k is not None:
+                seq.new_prompt_lps = [None if lp is None else TokenLogprob(lp.token, lp.logprob, lp.top[:k])
+                                      for lp in seq.prompt_lps]
+            if seq.max_tokens == 0:  # scoring only: nothing is sampled
+                if self.spec:  # the MTP rows too, so that the prompt's blocks are final and shared
+                    self._run_mtp([seq], prefill=True)
+                self._finish(seq, "length")
+            else:
+                token, _ = sample(last, seq.params, seq.gen)
+                self.running.append(seq)
+                self._commit(seq, [token], [last])
         if self.spec and seq.finish_reason is None:
             self._run_mtp([seq], prefill=True)
         self._register_blocks(seq)
+        if seq.params.prompt_logprobs is not None:
+            self._store_prompt_lps(seq)
         seq.usage.compute_seconds += time.perf_counter() - t0
         return end - start
 
@@ -505,7 +552,7 @@ class Engine:
             if self.config.record_logits:
                 seq.logits.append(lg.detach().clone())
             lp = token_logprob(lg, tok, seq.params.logprobs) if seq.params.logprobs is not None else None
-            if tok in self.eos_ids and not seq.params.ignore_eos:
+            if (tok in self.eos_ids and not seq.params.ignore_eos) or tok in seq.params.stop_token_ids:
                 seq.eos = lp
                 self._finish(seq, "stop")
                 return
@@ -546,13 +593,13 @@ class Engine:
         outs = []
         new_tokens = 0
         for seq in self.prefilling + self.running + self._done:
-            if seq.finish_reason is None and not seq.new_ids and not seq.new_text:
+            if seq.finish_reason is None and not seq.new_ids and not seq.new_text and seq.new_prompt_lps is None:
                 continue
             done = seq.finish_reason is not None
             outs.append(StepOutput(seq.id, seq.new_text, seq.new_ids, done, seq.finish_reason,
-                                   seq.usage if done else None, seq.new_logprobs))
+                                   seq.usage if done else None, seq.new_logprobs, seq.new_prompt_lps))
             new_tokens += len(seq.new_ids)
-            seq.new_ids, seq.new_text, seq.new_logprobs = [], "", []
+            seq.new_ids, seq.new_text, seq.new_logprobs, seq.new_prompt_lps = [], "", [], None
         if new_tokens:
             self._recent.append((time.perf_counter(), new_tokens))
         self._last_finished = {s.id: s for s in self._done}
@@ -572,6 +619,20 @@ class Engine:
             self.pool.register(seq.table[k], h)
             seq.hashes.append(h)
 
+    def _store_prompt_lps(self, seq: Sequence) -> None:
+        """Keep the prompt log-probabilities of each published prompt block beside its hash (LRU-bounded)."""
+        bs = self.pool.block_size
+        while seq.lps_stored < len(seq.hashes) and (seq.lps_stored + 1) * bs <= len(seq.prompt_lps):
+            k = seq.lps_stored
+            lps = seq.prompt_lps[k * bs : (k + 1) * bs]
+            if k == 0:
+                lps = [TokenLogprob(seq.prompt[0], 0.0, [])] + lps[1:]  # placeholder: position 0 has none
+            self._block_lps[seq.hashes[k]] = lps  # type: ignore[assignment]
+            self._block_lps.move_to_end(seq.hashes[k])
+            seq.lps_stored += 1
+        while len(self._block_lps) > PROMPT_LOGPROB_BLOCKS:
+            self._block_lps.popitem(last=False)
+
     # ----- whole generations (CLI, benchmarks, tests) -------------------------------------------------
     def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Completion]:
@@ -581,6 +642,7 @@ class Engine:
         texts = {i: [] for i in ids}
         toks: dict[str, list[int]] = {i: [] for i in ids}
         lps: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
+        plps: dict[str, list[TokenLogprob | None] | None] = {i: None for i in ids}
         done: dict[str, Completion] = {}
         while len(done) < len(ids):
             for out in self.step():
@@ -589,11 +651,13 @@ class Engine:
                 texts[out.request_id].append(out.text)
                 toks[out.request_id] += out.token_ids
                 lps[out.request_id] += out.logprobs
+                if out.prompt_logprobs is not None:
+                    plps[out.request_id] = out.prompt_logprobs
                 if out.finished:
                     rid = out.request_id
                     seq = self._last_finished[rid]
                     done[rid] = Completion(rid, "".join(texts[rid]), toks[rid], out.finish_reason or "stop",
-                                           out.usage or Usage(), seq.logits, lps[rid], seq.eos)
+                                           out.usage or Usage(), seq.logits, lps[rid], seq.eos, plps[rid])
         return [done[i] for i in ids]
 
     # ----- metrics ------------------------------------------------------------------------------------
