@@ -437,9 +437,11 @@ class Engine:
             if k is not None:
                 seq.new_prompt_lps = [None if lp is None else TokenLogprob(lp.token, lp.logprob, lp.top[:k])
                                       for lp in seq.prompt_lps]
+            if self.spec and seq.max_tokens <= 1:
+                # a scoring request (lm-evaluation-harness asks max_tokens 0 or 1) finishes in this step: write
+                # the prompt's MTP rows now, so its blocks are final and published for the next choice's context
+                self._run_mtp([seq], prefill=True, draft=False)
             if seq.max_tokens == 0:  # scoring only: nothing is sampled
-                if self.spec:  # the MTP rows too, so that the prompt's blocks are final and shared
-                    self._run_mtp([seq], prefill=True)
                 self._finish(seq, "length")
             else:
                 token, _ = sample(last, seq.params, seq.gen)
@@ -516,7 +518,7 @@ class Engine:
             else:
                 s.backoff = SPEC_BACKOFF[0]
 
-    def _run_mtp(self, seqs: list[Sequence], prefill: bool) -> None:
+    def _run_mtp(self, seqs: list[Sequence], prefill: bool, draft: bool = True) -> None:
         """Feed the MTP block every position whose next token is committed, and draft from the last one."""
         rows, h_prev, nxt, spans = [], [], [], []
         for s in seqs:
@@ -537,7 +539,7 @@ class Engine:
             k = spans[b]
             s.h_tail = s.h_tail[k:]
             s.n_mtp += k
-            if k and s.n_mtp == len(s.tokens) - 1:  # reached the pending token: draft the one after it
+            if draft and k and s.n_mtp == len(s.tokens) - 1:  # reached the pending token: draft the one after it
                 drafting.append(b)
         if drafting:
             last = out[drafting, [spans[b] - 1 for b in drafting]]  # [D, H]

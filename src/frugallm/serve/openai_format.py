@@ -7,7 +7,8 @@ Completions (the legacy format lm-evaluation-harness reads)::
 
 one entry per token: with ``echo`` the prompt's tokens first (the very first has no log-probability: null,
 as OpenAI and vLLM answer), then the generated ones. ``text_offset`` is each token's character offset in the
-choice's text (the echoed prompt included). Token strings are each token decoded alone, special tokens kept.
+choice's text (the echoed prompt included). Token strings are each token decoded alone, special tokens kept (or ``token_id:ID`` with vLLM's
+``return_tokens_as_token_ids``).
 
 Chat::
 
@@ -30,6 +31,14 @@ class TokenText:
 
     def __init__(self, tokenizer: Any) -> None:
         self.text = lru_cache(maxsize=1 << 16)(lambda i: tokenizer.decode([i], skip_special_tokens=False))
+
+
+class TokenIds(TokenText):
+    """vLLM's ``return_tokens_as_token_ids``: each token as ``token_id:ID`` (text that does not decode alone,
+    such as part of a UTF-8 character, stays identifiable)."""
+
+    def __init__(self) -> None:
+        self.text = lambda i: f"token_id:{i}"
 
 
 def completion_logprobs(tt: TokenText, lps: list[TokenLogprob | None], offset: int = 0) -> dict[str, Any]:

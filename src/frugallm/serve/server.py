@@ -39,6 +39,7 @@ from frugallm.serve.auth import APIKeyAuth
 from frugallm.serve.engine import Engine, StepOutput, Usage
 from frugallm.serve.loading import ROLES
 from frugallm.serve.openai_format import (
+    TokenIds,
     TokenText,
     chat_logprobs,
     completion_logprobs,
@@ -446,11 +447,12 @@ async def run_request(request: Request, state: ServerState, body: dict[str, Any]
         raise APIError(400, str(e), param=param, code=e.code) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     meta = dict(id=rid, created=int(time.time()), model=state.model_name)
+    tt = TokenIds() if _field(body, "return_tokens_as_token_ids", (bool,), False) else state.token_text
     if stream:
-        events = stream_events(state, meta, outputs, rids, choices, params, chat, include_usage)
+        events = stream_events(state, meta, outputs, rids, choices, params, chat, include_usage, tt)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await collect(request, state, meta, outputs, rids, choices, params, chat)
+    return await collect(request, state, meta, outputs, rids, choices, params, chat, tt)
 
 
 def _reseeded(p: SamplingParams, seed: int) -> SamplingParams:
@@ -462,8 +464,8 @@ def _reason(r: str | None) -> str:
 
 
 async def collect(request: Request, state: ServerState, meta: dict[str, Any], outputs: asyncio.Queue,
-                  rids: dict[int, str], choices: dict[int, Choice], params: SamplingParams, chat: bool
-                  ) -> JSONResponse:
+                  rids: dict[int, str], choices: dict[int, Choice], params: SamplingParams, chat: bool,
+                  tt: TokenText) -> JSONResponse:
     usages: list[Usage] = []
     left = len(rids)
     try:
@@ -490,7 +492,7 @@ async def collect(request: Request, state: ServerState, meta: dict[str, Any], ou
     if any(c.reason == "error" for c in choices.values()):
         raise APIError(500, "the engine failed while generating this request", "server_error")
     state.compute_seconds += sum(u.compute_seconds for u in usages)
-    tt, body_choices = state.token_text, []
+    body_choices = []
     for index in sorted(rids):
         c = choices[index]
         text = "".join(c.text)
@@ -513,12 +515,11 @@ async def collect(request: Request, state: ServerState, meta: dict[str, Any], ou
 
 
 async def stream_events(state: ServerState, meta: dict[str, Any], outputs: asyncio.Queue, rids: dict[int, str],
-                        choices: dict[int, Choice], params: SamplingParams, chat: bool, include_usage: bool
-                        ) -> AsyncIterator[str]:
+                        choices: dict[int, Choice], params: SamplingParams, chat: bool, include_usage: bool,
+                        tt: TokenText) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     done: set[int] = set()
     usages: list[Usage] = []
-    tt = state.token_text
 
     def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         payload: dict[str, Any] = {**meta, "object": obj, "choices": choices}
