@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 WORDS = ["the", "cheapest", "token", "is", "one", "served", "from", "cache", "multi-head", "latent", "attention",
@@ -43,10 +44,27 @@ def write_tasks(root: Path, n_mc: int = 6, n_gen: int = 3, n_choices: int = 4, c
 
 
 def evaluate(model: str, model_args: str, tasks: list[str], include_path: Path) -> dict:
-    """lm_eval.simple_evaluate with the per-sample responses (``samples``)."""
+    """lm_eval.simple_evaluate with the per-sample responses (``samples``); ``results["scoring_seconds"]`` is
+    the time spent in the model's ``loglikelihood`` and ``generate_until`` calls alone (no task building,
+    no model loading)."""
     import lm_eval
+    from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, log_samples=True,
-                                   task_manager=TaskManager(include_path=str(include_path)), batch_size=1,
-                                   num_fewshot=0, device="cpu")
+    lm = get_model(model).create_from_arg_string(model_args, {"batch_size": 1, "device": "cpu"})
+    spent = [0.0]
+    for name in ("loglikelihood", "generate_until"):
+        inner = getattr(lm, name)
+
+        def timed(*a, inner=inner, **kw):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        setattr(lm, name, timed)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, log_samples=True, num_fewshot=0,
+                                      task_manager=TaskManager(include_path=str(include_path)))
+    results["scoring_seconds"] = spent[0]
+    return results
