@@ -462,3 +462,20 @@ def test_prompt_logprobs_then_generation_and_stop_token_ids():
     assert s.token_ids == g.token_ids[: g.token_ids.index(g.token_ids[2])] and s.finish_reason == "stop"
     with pytest.raises(RequestError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+
+
+def test_prompts_sharing_a_context_submitted_together_compute_it_once():
+    """The choices of one question arrive in one batch: the first computes the shared context, the others
+    wait for its blocks and take them from the prefix cache; the answers equal those computed alone."""
+    model = tiny()
+    ctx = prompt(33, seed=12)
+    prompts = [ctx + [c, c + 1] for c in (3, 5, 7, 9)]
+    p = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1, logprobs=1)
+    eng = engine(model)
+    outs = eng.generate(prompts, p)
+    assert [o.usage.prompt_cache_hit_tokens for o in outs] == [0, 32, 32, 32]
+    for o, ids in zip(outs, prompts, strict=True):
+        (alone,) = engine(model).generate([ids], p)
+        assert [lp.logprob for lp in o.prompt_logprobs[1:]] == pytest.approx(
+            [lp.logprob for lp in alone.prompt_logprobs[1:]], abs=1e-5)
+        assert o.token_ids == alone.token_ids

@@ -6,7 +6,11 @@ Lifecycle of a sequence
     submit     validated at once (context length, cache capacity, queue bound); waits in a FIFO
     admit      when a running slot is free and the pool can promise every block the sequence may ever need
                (prompt + max_tokens, reserved up front so a running sequence never meets a full cache);
-               its prompt's full blocks are looked up by chained hash and every hit is shared, not computed
+               its prompt's full blocks are looked up by chained hash and every hit is shared, not computed;
+               a prompt whose first missing block another sequence is prefilling waits for it (one step)
+    scoring    with ``prompt_logprobs`` every prompt position's logits are kept as log-probabilities (and
+               beside each published block, so a later prompt sharing the context gets them from the cache);
+               ``max_tokens`` 0 finishes after the prefill
     prefill    the rest of the prompt in chunks of ``prefill_chunk`` tokens through the expanded attention;
                the last chunk's logits give the first token
     decode     all running sequences together, one new token each through the absorbed attention; with MTP,
@@ -170,6 +174,7 @@ class Sequence:
         self.prompt_lps: list[TokenLogprob | None] = [None]
         self.lps_stored = 0  # leading blocks whose prompt log-probabilities are in the engine's store
         self.new_prompt_lps: list[TokenLogprob | None] | None = None
+        self.prompt_hashes: list[bytes] | None = None  # chained hashes of the full prompt blocks, when asked
         self.finish_reason: str | None = None
         self.logits: list[torch.Tensor] = []
 
@@ -360,6 +365,11 @@ class Engine:
             need = self._blocks_needed(len(seq.prompt), seq.max_tokens)
             if self.pool.available() < need:
                 return  # first come, first served: later requests wait behind it
+            if self.config.prefix_cache and self._context_in_flight(seq):
+                # its next context block is being prefilled by another sequence (the choices of one
+                # multiple-choice question arriving together): wait a step and share it rather than compute
+                # it twice
+                return
             self.waiting.popleft()
             with self._lock:
                 self._pending -= 1
@@ -401,6 +411,30 @@ class Engine:
             self.counters["cache_miss_tokens"] += len(seq.prompt) - m
             self.counters["prompt_tokens"] += len(seq.prompt)
             self.prefilling.append(seq)
+
+    def _prompt_hashes(self, seq: Sequence) -> list[bytes]:
+        if seq.prompt_hashes is None:
+            bs, parent, seq.prompt_hashes = self.pool.block_size, self.pool.root, []
+            for k in range((len(seq.prompt) - 1) // bs):  # the blocks admission looks up
+                parent = chain_hash(parent, seq.prompt[k * bs : (k + 1) * bs])
+                seq.prompt_hashes.append(parent)
+        return seq.prompt_hashes
+
+    def _context_in_flight(self, seq: Sequence) -> bool:
+        """Whether the first prompt block ``seq`` would compute is one a prefilling sequence will publish."""
+        if not self.prefilling:
+            return False
+        scoring = seq.params.prompt_logprobs is not None
+        first_miss = next((h for h in self._prompt_hashes(seq)
+                           if not self.pool.contains(h) or (scoring and h not in self._block_lps)), None)
+        if first_miss is None:
+            return False
+        for s in self.prefilling:
+            if scoring and s.params.prompt_logprobs is None:
+                continue  # it publishes the block but not its log-probabilities
+            if first_miss in self._prompt_hashes(s)[s.lps_stored if scoring else len(s.hashes):]:
+                return True
+        return False
 
     def _ensure_slots(self, seq: Sequence, n_slots: int) -> None:
         while len(seq.table) * self.pool.block_size < n_slots:
