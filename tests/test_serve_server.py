@@ -395,13 +395,19 @@ def test_unsupported_or_out_of_range_answers_400_naming_the_parameter(live, body
 
 
 def test_api_keys_guard_v1_not_health(run_dir, tmp_path, caplog) -> None:
-    from frugallm.serve.auth import is_loopback, load_keys
+    from frugallm.cli import build_parser
+    from frugallm.serve.auth import is_loopback, load_keys, open_warning
 
     keys_file = tmp_path / "keys"
     keys_file.write_text("# team keys\nk-one\nk-two\n")
     keys = load_keys(["k-cli"], str(keys_file), env={"FRUGALLM_API_KEY": "k-env"})
     assert keys == ["k-cli", "k-one", "k-two", "k-env"]
     assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
+    assert "without an API key" in open_warning("0.0.0.0", []) and open_warning("0.0.0.0", keys) is None
+    assert open_warning("127.0.0.1", []) is None
+    args = build_parser().parse_args(["serve", "d", "--api-key", "a", "--api-key", "b", "--api-key-file",
+                                      str(keys_file), "--max-n", "4"])
+    assert args.api_key == ["a", "b"] and args.max_n == 4
     model, codec = load_for_serving(run_dir)
     engine = Engine(model, codec, EngineConfig(block_size=8, cache_memory=1 << 20))
     with socket.socket() as s:

@@ -45,6 +45,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def open_warning(host: str, keys: list[str]) -> str | None:
+    """The warning ``serve`` logs when it listens beyond this machine with no key (None: nothing to say)."""
+    if keys or is_loopback(host):
+        return None
+    return (f"listening on {host} without an API key: anyone who can reach it can use it "
+            f"(pass --api-key, --api-key-file or set {ENV_VAR})")
+
+
 def key_matches(given: str, keys: list[str]) -> bool:
     ok = False
     for k in keys:  # all of them, always: no early exit

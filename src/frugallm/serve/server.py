@@ -628,12 +628,12 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, model_name: str 
     import torch
     import uvicorn
 
-    from frugallm.serve.auth import is_loopback
+    from frugallm.serve.auth import open_warning
     from frugallm.serve.loading import load_for_serving
 
-    if not api_keys and not is_loopback(host):
-        log.warning("listening on %s without an API key: anyone who can reach it can use it "
-                    "(pass --api-key, --api-key-file or set FRUGALLM_API_KEY)", host)
+    warning = open_warning(host, list(api_keys or ()))
+    if warning:
+        log.warning(warning)
 
     model, codec = load_for_serving(path, dtype=dtype or torch.float32)
     engine = Engine(model, codec, engine_config)
