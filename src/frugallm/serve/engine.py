@@ -147,8 +147,9 @@ class Completion:
 
 class Sequence:
     def __init__(self, rid: str, prompt: list[int], params: SamplingParams, max_tokens: int,
-                 stream: TextStream | None) -> None:
+                 stream: TextStream | None, adapter: int = 0) -> None:
         self.id, self.prompt, self.params, self.max_tokens = rid, prompt, params, max_tokens
+        self.adapter = adapter  # serve.adapters: 0 is the base model
         self.tokens = list(prompt)  # committed tokens: prompt + output
         self.gen = make_generator(params.seed)
         self.stream = stream
@@ -193,7 +194,9 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         mcfg = model.config
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
-        self.spec = cfg.speculative and len(model.model.mtp) > 0
+        self.adapters = getattr(model, "row_adapters", None)  # serve.adapters, when attached
+        # the MTP module carries no adapter: drafts for adapted rows would come from the base
+        self.spec = cfg.speculative and len(model.model.mtp) > 0 and self.adapters is None
         param = next(model.parameters())
         dtype = cfg.cache_dtype or param.dtype
         self.layout = CacheLayout(n_layers=mcfg.num_hidden_layers + int(self.spec), width=entry_width(mcfg),
@@ -243,7 +246,7 @@ class Engine:
 
     # ----- requests (thread-safe) ---------------------------------------------------------------------
     def submit(self, prompt: list[int] | str, params: SamplingParams | None = None,
-               request_id: str | None = None) -> str:
+               request_id: str | None = None, adapter: int = 0) -> str:
         """Validate and queue a request; returns its id. Raises RequestError (cannot be served as asked) or
         QueueFullError (try later)."""
         params = params or SamplingParams()
@@ -279,7 +282,10 @@ class Engine:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
             self._pending += 1
             rid = request_id or f"req-{next(self._ids)}"
-        self._inbox.put(("add", Sequence(rid, prompt, params, max_tokens, stream)))
+        n_adapters = len(self.adapters.names) if self.adapters is not None else 0
+        if not 0 <= adapter <= n_adapters:
+            raise RequestError(f"no adapter {adapter} (this engine has {n_adapters})", param="model")
+        self._inbox.put(("add", Sequence(rid, prompt, params, max_tokens, stream, adapter)))
         return rid
 
     def abort_all(self, reason: str = "error") -> list[StepOutput]:
@@ -377,7 +383,7 @@ class Engine:
             seq.reserved = need
             seq.usage.queue_seconds = time.perf_counter() - seq.submitted
             if self.config.prefix_cache:
-                parent = self.pool.root
+                parent = self._root(seq)
                 # at least the last prompt token is computed: its logits give the first output token
                 for k in range((len(seq.prompt) - 1) // bs):
                     h = chain_hash(parent, seq.prompt[k * bs : (k + 1) * bs])
@@ -412,9 +418,17 @@ class Engine:
             self.counters["prompt_tokens"] += len(seq.prompt)
             self.prefilling.append(seq)
 
+    def _root(self, seq: Sequence) -> bytes:
+        """The hash chain's root: the pool's for the base model, one of its own per adapter (no block computed
+        under one adapter is found by another)."""
+        if seq.adapter == 0:
+            return self.pool.root
+        return chain_hash(self.pool.root + f"adapter:{self.adapters.names[seq.adapter - 1]}".encode(),
+                          [seq.adapter])
+
     def _prompt_hashes(self, seq: Sequence) -> list[bytes]:
         if seq.prompt_hashes is None:
-            bs, parent, seq.prompt_hashes = self.pool.block_size, self.pool.root, []
+            bs, parent, seq.prompt_hashes = self.pool.block_size, self._root(seq), []
             for k in range((len(seq.prompt) - 1) // bs):  # the blocks admission looks up
                 parent = chain_hash(parent, seq.prompt[k * bs : (k + 1) * bs])
                 seq.prompt_hashes.append(parent)
@@ -450,7 +464,8 @@ class Engine:
         end = min(n, start + budget)
         self._ensure_slots(seq, end + int(self.spec))
         ids = torch.tensor([seq.prompt[start:end]], device=self.device)
-        h = self.runner.main(ids, [Row(seq.table, start, end - start, seq.n_cached)], prefill=True)  # [1, S, H]
+        h = self.runner.main(ids, [Row(seq.table, start, end - start, seq.n_cached, seq.adapter)],
+                             prefill=True)  # [1, S, H]
         seq.n_cached, seq.compute_from = end, end
         if self.spec:
             seq.h_tail = h[0] if seq.h_tail is None else torch.cat([seq.h_tail, h[0]])
@@ -495,7 +510,7 @@ class Engine:
         for s in seqs:
             N = len(s.tokens)
             self._ensure_slots(s, N)
-            rows.append(Row(s.table, N - 1, 1, N - 1))
+            rows.append(Row(s.table, N - 1, 1, N - 1, s.adapter))
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # [B, 1]
         logits = self.runner.logits(self.runner.main(ids, rows, prefill=False)[:, 0])  # [B, V]
         for b, s in enumerate(seqs):
@@ -650,7 +665,7 @@ class Engine:
         final = min(seq.n_cached, seq.n_mtp + 1) if self.spec else seq.n_cached
         while len(seq.hashes) < min(final // bs, len(seq.table)):
             k = len(seq.hashes)
-            parent = seq.hashes[-1] if seq.hashes else self.pool.root
+            parent = seq.hashes[-1] if seq.hashes else self._root(seq)
             h = chain_hash(parent, seq.tokens[k * bs : (k + 1) * bs])
             self.pool.register(seq.table[k], h)
             seq.hashes.append(h)
@@ -670,11 +685,13 @@ class Engine:
             self._block_lps.popitem(last=False)
 
     # ----- whole generations (CLI, benchmarks, tests) -------------------------------------------------
-    def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[Completion]:
-        """Submit all prompts, step until every one is finished, return them in order."""
+    def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list[int] | None = None) -> list[Completion]:
+        """Submit all prompts, step until every one is finished, return them in order (``adapters``: each
+        prompt's adapter, serve.adapters)."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.submit(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        alist = adapters or [0] * len(prompts)
+        ids = [self.submit(p, sp, adapter=a) for p, sp, a in zip(prompts, plist, alist, strict=True)]
         texts = {i: [] for i in ids}
         toks: dict[str, list[int]] = {i: [] for i in ids}
         lps: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
