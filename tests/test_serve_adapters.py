@@ -78,3 +78,47 @@ def test_expert_adapters_are_refused_with_the_reason(tmp_path) -> None:
     lora_model(base, tmp_path, "experts", 3, targets=("mlp.experts",))
     with pytest.raises(CheckpointError, match="routed experts"):
         attach_adapters(copy.deepcopy(base), [("experts", tmp_path / "experts")])
+
+
+def test_server_serves_adapters_by_model_name(tmp_path) -> None:
+    """/v1/models lists the base and the adapters; a request's model picks one; concurrent requests for both
+    (in the same batches) answer what each model gives alone; an unknown model is a 404."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    httpx = pytest.importorskip("httpx")
+    openai = pytest.importorskip("openai")
+    from frugallm.model.hf import save_pretrained
+    from frugallm.serve.cli import _adapters
+    from frugallm.serve.loading import load_for_serving
+    from test_serve_server import TINY, LiveServer, make_tokenizer
+
+    tok = make_tokenizer(tmp_path / "tok")
+    save_pretrained(build_model(ModelConfig(**TINY), seed=3), tmp_path / "base", extra_files={"tokenizer.json": tok})
+    model, codec = load_for_serving(tmp_path / "base")
+    reference = lora_model(copy.deepcopy(model), tmp_path, "support", 5)
+    base_ref = copy.deepcopy(model)
+    assert _adapters(["support=" + str(tmp_path / "support")]) == [("support", str(tmp_path / "support"))]
+    with pytest.raises(Exception, match="NAME=PATH"):
+        _adapters(["nopath"])
+    attach_adapters(model, [("support", tmp_path / "support")])
+    srv = LiveServer(Engine(model, codec, EngineConfig(block_size=8, cache_memory=4 << 20)), name="tiny")
+    try:
+        ids = [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]]
+        assert ids == ["tiny", "support"]
+        prompt = codec.encode("a budget is a plan for")
+
+        def ask(name: str) -> list[int]:
+            r = srv.client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0, logprobs=0,
+                                              extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            assert r.model == name
+            return [int(t.removeprefix("token_id:")) for t in r.choices[0].logprobs.tokens]
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, ["support", "tiny", "support", "tiny"]))
+        want_a, want_b = greedy(reference, prompt, 6), greedy(base_ref, prompt, 6)
+        assert want_a != want_b
+        assert got == [want_a, want_b, want_a, want_b]
+        with pytest.raises(openai.NotFoundError):
+            srv.client.completions.create(model="other", prompt="x", max_tokens=1)
+    finally:
+        srv.close()

@@ -90,11 +90,12 @@ class EngineWorker:
         self._wake.set()
         self.thread.join(timeout=10)
 
-    def submit(self, prompt: list[int], params: SamplingParams, listener: Callable[[StepOutput], None]) -> str:
+    def submit(self, prompt: list[int], params: SamplingParams, listener: Callable[[StepOutput], None],
+               adapter: int = 0) -> str:
         rid = uuid.uuid4().hex
         self.listeners[rid] = listener  # before submit: the first output may come at once
         try:
-            self.engine.submit(prompt, params, request_id=rid)
+            self.engine.submit(prompt, params, request_id=rid, adapter=adapter)
         except Exception:
             self.listeners.pop(rid, None)
             raise
@@ -258,6 +259,8 @@ class ServerState:
     def __init__(self, engine: Engine, model_name: str, price_per_hour: float, max_n: int = MAX_N) -> None:
         self.engine, self.model_name, self.price_per_hour = engine, model_name, price_per_hour
         self.max_n = max_n
+        # the names a request's model may be: the base, then each adapter (serve.adapters), by index
+        self.model_names = [model_name] + (list(engine.adapters.names) if engine.adapters is not None else [])
         self.token_text = TokenText(engine.codec.tokenizer)
         self.worker = EngineWorker(engine)
         self.http = Counter()  # (endpoint, status) -> count
@@ -320,8 +323,10 @@ def create_app(engine: Engine, model_name: str = "frugallm", price_per_hour: flo
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": state.created,
-                                            "owned_by": "frugallm", "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": state.created, "owned_by": "frugallm",
+             "max_model_len": engine.max_model_len, "root": model_name, "parent": None if i == 0 else model_name}
+            for i, name in enumerate(state.model_names)]}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -339,9 +344,9 @@ def create_app(engine: Engine, model_name: str = "frugallm", price_per_hour: flo
             return body
         if not isinstance(name, str):
             raise APIError(400, "model is required (a string)", param="model")
-        if name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+        if name not in state.model_names:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{', '.join(repr(n) for n in state.model_names)}", param="model", code="model_not_found")
         return body
 
     @app.post("/v1/completions")
@@ -417,6 +422,7 @@ class Choice:
 
 async def run_request(request: Request, state: ServerState, body: dict[str, Any], prompts: list[list[int]],
                       params: SamplingParams, chat: bool, prompt_texts: list[str] | None = None) -> Response:
+    adapter = state.model_names.index(body["model"])  # 0: the base model
     n = _field(body, "n", (int,), 1)
     if not 1 <= n <= state.max_n:
         raise APIError(400, f"n must be in [1, {state.max_n}], got {n}", param="n")
@@ -435,7 +441,7 @@ async def run_request(request: Request, state: ServerState, body: dict[str, Any]
                 loop.call_soon_threadsafe(outputs.put_nowait, (index, out))
 
             p = params if params.seed is None or index == 0 else _reseeded(params, params.seed + index)
-            rids[index] = state.worker.submit(prompt, p, listener)
+            rids[index] = state.worker.submit(prompt, p, listener, adapter)
     except QueueFullError as e:
         for rid in rids.values():
             state.worker.abort(rid)
@@ -446,7 +452,7 @@ async def run_request(request: Request, state: ServerState, body: dict[str, Any]
         param = "messages" if chat and e.param == "prompt" else e.param
         raise APIError(400, str(e), param=param, code=e.code) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    meta = dict(id=rid, created=int(time.time()), model=state.model_name)
+    meta = dict(id=rid, created=int(time.time()), model=body["model"])
     tt = TokenIds() if _field(body, "return_tokens_as_token_ids", (bool,), False) else state.token_text
     if stream:
         events = stream_events(state, meta, outputs, rids, choices, params, chat, include_usage, tt)
@@ -620,7 +626,8 @@ def prometheus_text(state: ServerState) -> str:
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           price_per_hour: float = DEFAULT_PRICE_PER_HOUR, engine_config: Any = None, dtype: Any = None,
-          log_level: str = "info", api_keys: list[str] | None = None, max_n: int = MAX_N) -> None:
+          log_level: str = "info", api_keys: list[str] | None = None, max_n: int = MAX_N,
+          adapters: list[tuple[str, str]] | None = None) -> None:
     """Load PATH (a run directory or an HF directory) and serve it until interrupted."""
     import os
     from pathlib import Path
@@ -636,6 +643,10 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, model_name: str 
         log.warning(warning)
 
     model, codec = load_for_serving(path, dtype=dtype or torch.float32)
+    if adapters:
+        from frugallm.serve.adapters import attach_adapters
+
+        attach_adapters(model, adapters)
     engine = Engine(model, codec, engine_config)
     name = model_name or Path(os.path.abspath(path)).name  # runs/latest serves as "latest", not its target
     app = create_app(engine, name, price_per_hour, api_keys=api_keys, max_n=max_n)
