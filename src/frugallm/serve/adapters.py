@@ -82,6 +82,7 @@ class MultiLoraLinear(nn.Module):
         B = len(ids)
         per_row = torch.tensor(ids, device=x.device)
         if x.shape[0] != B:  # flattened tokens: B rows of S each
+            assert x.shape[0] % B == 0, f"{x.shape[0]} leading rows for a batch of {B}"
             per_row = per_row.repeat_interleave(x.shape[0] // B)
         for a in sorted(set(ids)):
             if a not in self.factors:
