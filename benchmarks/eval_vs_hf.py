@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--choices", type=int, default=4)
     ap.add_argument("--context-words", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=1, help="lm-eval's batch size, both models (for the "
+                    "server: prompts per request)")
     args = ap.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     torch.set_num_threads(args.threads)
@@ -94,22 +96,24 @@ def main() -> None:
             time.sleep(0.02)
         ours = evaluate("local-completions", f"model=bench,base_url=http://127.0.0.1:{port}/v1/completions,"
                         f"tokenizer={model_dir},tokenized_requests=True,max_length={cfg.max_position_embeddings}",
-                        ["tiny_mc"], tasks)
+                        ["tiny_mc"], tasks, batch_size=args.batch_size)
         t_ours = ours["scoring_seconds"]
         hit_rate = engine.stats()["cache_hit_rate"]
         server.should_exit = True
         thread.join(timeout=10)
         del engine, model
-        theirs = evaluate("hf", f"pretrained={model_dir},dtype=float32", ["tiny_mc"], tasks)
+        theirs = evaluate("hf", f"pretrained={model_dir},dtype=float32", ["tiny_mc"], tasks,
+                          batch_size=args.batch_size)
         t_hf = theirs["scoring_seconds"]
     a, b = loglikelihoods(ours), loglikelihoods(theirs)
     delta = max(abs(x - y) for x, y in zip(a, b, strict=True))
-    print(f"{args.questions} questions x {args.choices} choices, preset {args.preset}, {args.threads} threads")
+    print(f"{args.questions} questions x {args.choices} choices, preset {args.preset}, {args.threads} threads, "
+          f"batch size {args.batch_size}")
     print(f"  server (local-completions): {t_ours:.2f} s   prefix-cache hit rate {hit_rate:.1%}")
     print(f"  transformers (hf):          {t_hf:.2f} s")
     print(f"  hf / server: {t_hf / t_ours:.2f}x   max |delta loglik| {delta:.2e}")
     print(f"RESULT ours_s={t_ours:.3g} hf_s={t_hf:.3g} ratio_hf_over_ours={t_hf / t_ours:.3g} "
-          f"cache_hit_rate={hit_rate:.3g} max_delta_loglik={delta:.3g} requests={len(a)}")
+          f"cache_hit_rate={hit_rate:.3g} max_delta_loglik={delta:.3g} requests={len(a)} batch_size={args.batch_size}")
 
 
 if __name__ == "__main__":

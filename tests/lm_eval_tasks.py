@@ -43,7 +43,7 @@ def write_tasks(root: Path, n_mc: int = 6, n_gen: int = 3, n_choices: int = 4, c
     return root
 
 
-def evaluate(model: str, model_args: str, tasks: list[str], include_path: Path) -> dict:
+def evaluate(model: str, model_args: str, tasks: list[str], include_path: Path, batch_size: int = 1) -> dict:
     """lm_eval.simple_evaluate with the per-sample responses (``samples``); ``results["scoring_seconds"]`` is
     the time spent in the model's ``loglikelihood`` and ``generate_until`` calls alone (no task building,
     no model loading)."""
@@ -51,7 +51,7 @@ def evaluate(model: str, model_args: str, tasks: list[str], include_path: Path) 
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
-    lm = get_model(model).create_from_arg_string(model_args, {"batch_size": 1, "device": "cpu"})
+    lm = get_model(model).create_from_arg_string(model_args, {"batch_size": batch_size, "device": "cpu"})
     spent = [0.0]
     for name in ("loglikelihood", "generate_until"):
         inner = getattr(lm, name)
