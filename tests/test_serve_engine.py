@@ -422,3 +422,60 @@ def test_weights_updated_drops_the_prefix_cache():
     eng.submit(shared, GREEDY)
     with pytest.raises(RuntimeError, match="in flight"):
         eng.weights_updated()
+
+
+# ----- prompt log-probabilities (echo, lm-evaluation-harness's scoring) ------------------------------------
+@pytest.mark.parametrize("speculative", [False, True])
+def test_prompt_logprobs_equal_the_training_forward_with_and_without_the_prefix_cache(mtp_model, speculative):
+    """Every prompt token's log-probability (the first has none) and top-k equal log-softmax of the full
+    forward; a second prompt sharing the first's context takes that context from the prefix cache (hits) and
+    its context positions still come back, equal to the forward's; max_tokens 0 samples nothing."""
+    model, cycle = mtp_model
+    eng = engine(model, speculative=speculative)
+    ctx = prompt(37, seed=9)
+    for cont in ([5, 6, 7], [8, 9]):
+        ids = ctx + cont
+        hits = eng.counters["cache_hit_tokens"]
+        (c,) = eng.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=2))
+        assert c.token_ids == [] and c.finish_reason == "length"
+        assert len(c.prompt_logprobs) == len(ids) and c.prompt_logprobs[0] is None
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)  # [T, V]
+        for p in range(1, len(ids)):
+            rec = c.prompt_logprobs[p]
+            assert rec.token == ids[p]
+            assert rec.logprob == pytest.approx(float(lp[p - 1, ids[p]]), abs=1e-4)
+            assert [t for t, _ in rec.top] == lp[p - 1].topk(2).indices.tolist()
+    assert eng.counters["cache_hit_tokens"] - hits == 32  # the second prompt's two full context blocks
+
+
+def test_prompt_logprobs_then_generation_and_stop_token_ids():
+    """echo with max_tokens 1, as lm-evaluation-harness asks: prompt log-probabilities plus one token; a stop
+    token id ends generation like EOS."""
+    model = tiny()
+    eng = engine(model)
+    ids = prompt(10)
+    (c,) = eng.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, logprobs=0))
+    assert len(c.prompt_logprobs) == 10 and len(c.logprobs) == 1
+    (g,) = eng.generate([ids], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    (s,) = eng.generate([ids], SamplingParams(max_tokens=5, temperature=0, stop_token_ids=(g.token_ids[2],)))
+    assert s.token_ids == g.token_ids[: g.token_ids.index(g.token_ids[2])] and s.finish_reason == "stop"
+    with pytest.raises(RequestError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+
+
+def test_prompts_sharing_a_context_submitted_together_compute_it_once():
+    """The choices of one question arrive in one batch: the first computes the shared context, the others
+    wait for its blocks and take them from the prefix cache; the answers equal those computed alone."""
+    model = tiny()
+    ctx = prompt(33, seed=12)
+    prompts = [ctx + [c, c + 1] for c in (3, 5, 7, 9)]
+    p = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1, logprobs=1)
+    eng = engine(model)
+    outs = eng.generate(prompts, p)
+    assert [o.usage.prompt_cache_hit_tokens for o in outs] == [0, 32, 32, 32]
+    for o, ids in zip(outs, prompts, strict=True):
+        (alone,) = engine(model).generate([ids], p)
+        assert [lp.logprob for lp in o.prompt_logprobs[1:]] == pytest.approx(
+            [lp.logprob for lp in alone.prompt_logprobs[1:]], abs=1e-5)
+        assert o.token_ids == alone.token_ids

@@ -274,3 +274,165 @@ def test_full_queue_answers_503_and_disconnect_frees_blocks(run_dir) -> None:
             httpx.get(srv.url + "/metrics").text
     finally:
         srv.close()
+
+
+# ----- the ecosystem's requests: logprobs, echo, batched and token-id prompts, n, keys ------------------------
+@pytest.fixture(scope="module")
+def hf_logprobs(run_dir):
+    """log-softmax of transformers' DeepseekV3ForCausalLM on the served weights (float32)."""
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def lp(ids: list[int]) -> torch.Tensor:
+        return torch.log_softmax(theirs(torch.tensor([ids])).logits[0].float(), -1)  # [T, V]
+
+    return lp
+
+
+def test_echo_logprobs_equal_transformers_and_contexts_hit_the_cache(live, hf_logprobs) -> None:
+    """lm-evaluation-harness's scoring request: echo, max_tokens 1, logprobs 1, token-id prompts sharing a
+    context. token_logprobs has prompt length + 1 entries, the first null; each equals transformers' within
+    1e-4; the second choice's context comes from the prefix cache."""
+    codec = live.engine.codec
+    ctx = codec.encode("the cheapest token is the one served from the cache and a budget is a plan")
+    conts = [codec.encode(" for money"), codec.encode(" with the MTP module")]
+    for cont in conts:
+        ids = ctx + cont
+        r = live.client.completions.create(model="tiny", prompt=ids, max_tokens=1, logprobs=1, echo=True,
+                                           temperature=0, seed=1234)
+        lp = r.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+        assert lp.top_logprobs[0] is None and len(lp.tokens) == len(lp.text_offset) == len(ids) + 1
+        ref = hf_logprobs(ids)
+        for p in range(1, len(ids)):
+            assert lp.token_logprobs[p] == pytest.approx(float(ref[p - 1, ids[p]]), abs=1e-4)
+            assert max(lp.top_logprobs[p].values()) == pytest.approx(float(ref[p - 1].max()), abs=1e-4)
+        assert r.choices[0].text.startswith(codec.decode(ids))
+        assert lp.text_offset[1] == len(lp.tokens[0])
+    assert r.usage.prompt_tokens_details.cached_tokens >= len(ctx) // 8 * 8 > 0
+    r = live.client.completions.create(model="tiny", prompt=ctx + conts[0], max_tokens=0, echo=True, logprobs=0)
+    assert r.choices[0].logprobs.top_logprobs[1] == {} and len(r.choices[0].logprobs.token_logprobs) == len(
+        ctx + conts[0])
+
+
+def test_generated_logprobs_chat_format_and_sampling_temperature(live, hf_logprobs) -> None:
+    """Chat logprobs (token, logprob, bytes, top_logprobs) are log-softmax at temperature 1 even when
+    sampling at 0.7, equal to transformers' on prompt + output."""
+    codec = live.engine.codec
+    msgs = [{"role": "user", "content": "a budget is"}]
+    r = live.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0.7, seed=5,
+                                            logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    prompt = codec.encode(codec.render_chat(msgs), add_special_tokens=False)
+    assert len(content) >= 1 and all(len(c.top_logprobs) == 3 for c in content)
+    assert content[0].bytes == list(content[0].token.encode())
+    ref = hf_logprobs(prompt)[-1]  # [V] the first output token's distribution
+    # the token ids whose text is the first output token's (the format carries text, not ids)
+    same = [i for i in range(ref.shape[0]) if codec.tokenizer.decode([i], skip_special_tokens=False)
+            == content[0].token]
+    assert any(abs(content[0].logprob - float(ref[i])) < 1e-4 for i in same)
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(ref.topk(3).values.tolist(), abs=1e-4)
+
+
+def test_batched_prompts_n_seed_stop_ids_and_stream_logprobs(live) -> None:
+    codec = live.engine.codec
+    strs = ["the cheapest", "multi-head latent", "a budget"]
+    r = live.client.completions.create(model="tiny", prompt=strs, max_tokens=5, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for s, c in zip(strs, r.choices, strict=True):
+        one = live.client.completions.create(model="tiny", prompt=s, max_tokens=5, temperature=0)
+        assert one.choices[0].text == c.text
+    ids = [codec.encode(s) for s in strs]
+    r2 = live.client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    assert [c.text for c in r2.choices] == [c.text for c in r.choices]
+    a = live.client.completions.create(model="tiny", prompt="a budget", n=3, max_tokens=8, seed=11, temperature=1)
+    b = live.client.completions.create(model="tiny", prompt="a budget", n=3, max_tokens=8, seed=11, temperature=1)
+    assert [c.index for c in a.choices] == [0, 1, 2] and [c.text for c in a.choices] == [c.text for c in b.choices]
+    g = live.client.completions.create(model="tiny", prompt=ids[0], max_tokens=6, temperature=0, logprobs=0,
+                                       extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    toks = [int(t.removeprefix("token_id:")) for t in g.choices[0].logprobs.tokens]
+    stop_at = toks[2]
+    s = live.client.completions.create(model="tiny", prompt=ids[0], max_tokens=6, temperature=0,
+                                       extra_body={"stop_token_ids": [stop_at], "ignore_eos": True})
+    assert s.choices[0].finish_reason == "stop"
+    assert s.choices[0].text == codec.decode(toks[: toks.index(stop_at)])
+    chunks = list(live.client.completions.create(model="tiny", prompt=ids[0], max_tokens=6, temperature=0,
+                                                 logprobs=2, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [v for ch in chunks for c in ch.choices if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(g.choices[0].logprobs.token_logprobs, abs=1e-6)
+
+
+def test_tokenizer_routes_as_vllm(live) -> None:
+    r = httpx.post(live.url + "/tokenize", json={"model": "tiny", "prompt": "a budget is a plan"}).json()
+    assert r["tokens"] == live.engine.codec.encode("a budget is a plan") and r["count"] == len(r["tokens"])
+    d = httpx.post(live.url + "/detokenize", json={"model": "tiny", "tokens": r["tokens"]}).json()
+    assert d["prompt"] == "a budget is a plan"
+    info = httpx.get(live.url + "/tokenizer_info").json()
+    assert info["model_max_length"] == live.engine.max_model_len and info["eos_token"] == "<|endoftext|>"
+
+
+LOGPROB_BAD = [
+    ({"model": "tiny", "prompt": "x", "logprobs": 21}, "/v1/completions", "logprobs"),
+    ({"model": "tiny", "prompt": "x", "logprobs": True}, "/v1/completions", "logprobs"),
+    ({"model": "tiny", "prompt": "x", "echo": True, "stream": True}, "/v1/completions", "echo"),
+    ({"model": "tiny", "prompt": "x", "n": 9}, "/v1/completions", "n"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "/v1/completions", "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "suffix": "y"}, "/v1/completions", "suffix"),
+    ({"model": "tiny", "prompt": "x", "stop_token_ids": ["a"]}, "/v1/completions", "stop_token_ids"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     "/v1/chat/completions", "top_logprobs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     "/v1/chat/completions", "top_logprobs"),
+]
+
+
+@pytest.mark.parametrize("body, path, param", LOGPROB_BAD, ids=[b[2] for b in LOGPROB_BAD])
+def test_unsupported_or_out_of_range_answers_400_naming_the_parameter(live, body, path, param) -> None:
+    r = httpx.post(live.url + path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_api_keys_guard_v1_not_health(run_dir, tmp_path, caplog) -> None:
+    from frugallm.cli import build_parser
+    from frugallm.serve.auth import is_loopback, load_keys, open_warning
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# team keys\nk-one\nk-two\n")
+    keys = load_keys(["k-cli"], str(keys_file), env={"FRUGALLM_API_KEY": "k-env"})
+    assert keys == ["k-cli", "k-one", "k-two", "k-env"]
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
+    assert "without an API key" in open_warning("0.0.0.0", []) and open_warning("0.0.0.0", keys) is None
+    assert open_warning("127.0.0.1", []) is None
+    args = build_parser().parse_args(["serve", "d", "--api-key", "a", "--api-key", "b", "--api-key-file",
+                                      str(keys_file), "--max-n", "4"])
+    assert args.api_key == ["a", "b"] and args.max_n == 4
+    model, codec = load_for_serving(run_dir)
+    engine = Engine(model, codec, EngineConfig(block_size=8, cache_memory=1 << 20))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(engine, "tiny", api_keys=keys)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/health").status_code == 200
+        r = httpx.get(url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        for k in keys:
+            assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {k}"}).status_code == 200
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.completions.create(model="tiny", prompt="x", max_tokens=1)
+        good = openai.OpenAI(base_url=url + "/v1", api_key="k-two", max_retries=0)
+        assert good.completions.create(model="tiny", prompt="x", max_tokens=1).choices[0].finish_reason
+        assert not any(k in rec.getMessage() for rec in caplog.records for k in keys)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

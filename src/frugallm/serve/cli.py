@@ -61,6 +61,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
+    from frugallm.serve.auth import load_keys
     from frugallm.serve.server import serve
 
     if not 0 < args.port < 65536:
@@ -71,8 +72,19 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(args.model_dir, host=args.host, port=args.port, model_name=args.model_name,
           price_per_hour=args.price_per_hour, engine_config=_engine_config(args), dtype=_dtype(args.dtype),
-          log_level=args.log_level)
+          log_level=args.log_level, api_keys=load_keys(args.api_key or (), args.api_key_file),
+          max_n=args.max_n, adapters=_adapters(args.adapter or ()))
     return 0
+
+
+def _adapters(specs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter wants NAME=PATH, got {spec!r}")
+        out.append((name, path))
+    return out
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -132,6 +144,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", default=None, help="take the device price from the hardware catalogue "
                    "(a name as `frugallm cost` knows it, e.g. h100)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for admission before 503")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require Authorization: Bearer KEY on /v1 routes (repeatable; also FRUGALLM_API_KEY)")
+    p.add_argument("--api-key-file", default=None, metavar="PATH", help="API keys, one a line")
+    p.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
+                   help="serve a LoRA adapter (PEFT directory or LoRA run) as model NAME beside the base "
+                        "(repeatable; one copy of the base weights, adapters mixed in batches)")
+    p.add_argument("--max-n", type=int, default=8, help="most samples (n) one request may ask for")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_serve_with_default_price)
 

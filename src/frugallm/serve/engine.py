@@ -6,7 +6,11 @@ Lifecycle of a sequence
     submit     validated at once (context length, cache capacity, queue bound); waits in a FIFO
     admit      when a running slot is free and the pool can promise every block the sequence may ever need
                (prompt + max_tokens, reserved up front so a running sequence never meets a full cache);
-               its prompt's full blocks are looked up by chained hash and every hit is shared, not computed
+               its prompt's full blocks are looked up by chained hash and every hit is shared, not computed;
+               a prompt whose first missing block another sequence is prefilling waits for it (one step)
+    scoring    with ``prompt_logprobs`` every prompt position's logits are kept as log-probabilities (and
+               beside each published block, so a later prompt sharing the context gets them from the cache);
+               ``max_tokens`` 0 finishes after the prefill
     prefill    the rest of the prompt in chunks of ``prefill_chunk`` tokens through the expanded attention;
                the last chunk's logits give the first token
     decode     all running sequences together, one new token each through the absorbed attention; with MTP,
@@ -34,7 +38,7 @@ import itertools
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,12 +50,14 @@ from frugallm.model.transformer import DeepseekV3LM
 from frugallm.serve.cache import BlockPool, CacheLayout, cache_bytes_per_token, chain_hash, entry_width
 from frugallm.serve.runner import ModelRunner, Row
 from frugallm.serve.sampling import (
+    MAX_LOGPROBS,
     QueueFullError,
     RequestError,
     SamplingParams,
     TextStream,
     TokenLogprob,
     make_generator,
+    position_logprobs,
     sample,
     token_logprob,
     verify,
@@ -63,6 +69,10 @@ if TYPE_CHECKING:
 
 SPEC_WINDOW = 4  # drafts over which a sequence's acceptance is judged
 SPEC_BACKOFF = (16, 128)  # steps without drafting after a poor window: first, most
+# prompt log-probabilities kept beside published blocks (by block hash), so a scoring request whose context
+# comes from the prefix cache still has every position's log-probability: at most this many blocks' worth
+# (each block_size * (1 + MAX_LOGPROBS) floats and ids; ~5 KiB at block size 16)
+PROMPT_LOGPROB_BLOCKS = 4096
 
 
 @dataclass(kw_only=True)
@@ -118,6 +128,8 @@ class StepOutput:
     finish_reason: str | None = None  # stop | length | abort | error
     usage: Usage | None = None  # on the finished output
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry, with params.logprobs
+    # with params.prompt_logprobs, on the first output: one per prompt token, the first None (nothing before it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -130,12 +142,14 @@ class Completion:
     logits: list[torch.Tensor] = field(default_factory=list)  # with EngineConfig.record_logits
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry, with params.logprobs
     eos: TokenLogprob | None = None  # the end-of-sequence token it stopped at (not in token_ids), with logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs
 
 
 class Sequence:
     def __init__(self, rid: str, prompt: list[int], params: SamplingParams, max_tokens: int,
-                 stream: TextStream | None) -> None:
+                 stream: TextStream | None, adapter: int = 0) -> None:
         self.id, self.prompt, self.params, self.max_tokens = rid, prompt, params, max_tokens
+        self.adapter = adapter  # serve.adapters: 0 is the base model
         self.tokens = list(prompt)  # committed tokens: prompt + output
         self.gen = make_generator(params.seed)
         self.stream = stream
@@ -157,6 +171,11 @@ class Sequence:
         self.new_text = ""
         self.new_logprobs: list[TokenLogprob] = []
         self.eos: TokenLogprob | None = None
+        # prompt_lps[p]: log-probability of prompt token p (top MAX_LOGPROBS), with params.prompt_logprobs
+        self.prompt_lps: list[TokenLogprob | None] = [None]
+        self.lps_stored = 0  # leading blocks whose prompt log-probabilities are in the engine's store
+        self.new_prompt_lps: list[TokenLogprob | None] | None = None
+        self.prompt_hashes: list[bytes] | None = None  # chained hashes of the full prompt blocks, when asked
         self.finish_reason: str | None = None
         self.logits: list[torch.Tensor] = []
 
@@ -175,7 +194,9 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         mcfg = model.config
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
-        self.spec = cfg.speculative and len(model.model.mtp) > 0
+        self.adapters = getattr(model, "row_adapters", None)  # serve.adapters, when attached
+        # the MTP module carries no adapter: drafts for adapted rows would come from the base
+        self.spec = cfg.speculative and len(model.model.mtp) > 0 and self.adapters is None
         param = next(model.parameters())
         dtype = cfg.cache_dtype or param.dtype
         self.layout = CacheLayout(n_layers=mcfg.num_hidden_layers + int(self.spec), width=entry_width(mcfg),
@@ -202,6 +223,7 @@ class Engine:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for tokens per second
         self._done: list[Sequence] = []  # finished this step, reported by _flush_outputs
         self._last_finished: dict[str, Sequence] = {}
+        self._block_lps: OrderedDict[bytes, list[TokenLogprob]] = OrderedDict()  # block hash -> its tokens'
 
     # ----- sizes --------------------------------------------------------------------------------------
     @property
@@ -219,11 +241,12 @@ class Engine:
         if self.has_work():
             raise RuntimeError("weights_updated() with requests in flight; finish or abort them first")
         self.weights_version += 1
+        self._block_lps.clear()
         self.pool.forget_prefixes(f"{self._namespace}|v{self.weights_version}")
 
     # ----- requests (thread-safe) ---------------------------------------------------------------------
     def submit(self, prompt: list[int] | str, params: SamplingParams | None = None,
-               request_id: str | None = None) -> str:
+               request_id: str | None = None, adapter: int = 0) -> str:
         """Validate and queue a request; returns its id. Raises RequestError (cannot be served as asked) or
         QueueFullError (try later)."""
         params = params or SamplingParams()
@@ -238,7 +261,7 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         n, ctx = len(prompt), self.max_model_len
-        if n >= ctx:
+        if n >= ctx and not (n == ctx and params.max_tokens == 0):
             raise RequestError(f"this model's maximum context length is {ctx} tokens, but the prompt has {n} "
                                f"tokens (no room for any output)", param="prompt", code="context_length_exceeded")
         max_tokens = params.max_tokens if params.max_tokens is not None else ctx - n
@@ -259,7 +282,10 @@ class Engine:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
             self._pending += 1
             rid = request_id or f"req-{next(self._ids)}"
-        self._inbox.put(("add", Sequence(rid, prompt, params, max_tokens, stream)))
+        n_adapters = len(self.adapters.names) if self.adapters is not None else 0
+        if not 0 <= adapter <= n_adapters:
+            raise RequestError(f"no adapter {adapter} (this engine has {n_adapters})", param="model")
+        self._inbox.put(("add", Sequence(rid, prompt, params, max_tokens, stream, adapter)))
         return rid
 
     def abort_all(self, reason: str = "error") -> list[StepOutput]:
@@ -349,6 +375,11 @@ class Engine:
             need = self._blocks_needed(len(seq.prompt), seq.max_tokens)
             if self.pool.available() < need:
                 return  # first come, first served: later requests wait behind it
+            if self.config.prefix_cache and self._context_in_flight(seq):
+                # its next context block is being prefilled by another sequence (the choices of one
+                # multiple-choice question arriving together): wait a step and share it rather than compute
+                # it twice
+                return
             self.waiting.popleft()
             with self._lock:
                 self._pending -= 1
@@ -356,13 +387,21 @@ class Engine:
             seq.reserved = need
             seq.usage.queue_seconds = time.perf_counter() - seq.submitted
             if self.config.prefix_cache:
-                parent = self.pool.root
+                parent = self._root(seq)
                 # at least the last prompt token is computed: its logits give the first output token
                 for k in range((len(seq.prompt) - 1) // bs):
                     h = chain_hash(parent, seq.prompt[k * bs : (k + 1) * bs])
+                    # a scoring request needs the block's prompt log-probabilities too, else it recomputes
+                    if seq.params.prompt_logprobs is not None and h not in self._block_lps:
+                        break
                     block = self.pool.lookup(h)
                     if block is None:
                         break
+                    if seq.params.prompt_logprobs is not None:
+                        self._block_lps.move_to_end(h)
+                        lps = self._block_lps[h]
+                        seq.prompt_lps.extend(lps[1:] if k == 0 else lps)
+                        seq.lps_stored += 1
                     seq.table.append(block)
                     seq.hashes.append(h)
                     seq.reserved -= 1
@@ -373,12 +412,47 @@ class Engine:
             # state h_{m-1}, so its main forward is recomputed (not rewritten) when drafting
             seq.n_mtp = max(m - 1, 0) if self.spec else 0
             seq.compute_from = seq.n_mtp if self.spec else m
+            if seq.params.prompt_logprobs is not None and m:
+                # prompt token m is scored by the logits at m-1: recompute (not rewrite) that position
+                seq.compute_from = min(seq.compute_from, m - 1)
             seq.usage.prompt_cache_hit_tokens = m
             seq.usage.prompt_cache_miss_tokens = len(seq.prompt) - m
             self.counters["cache_hit_tokens"] += m
             self.counters["cache_miss_tokens"] += len(seq.prompt) - m
             self.counters["prompt_tokens"] += len(seq.prompt)
             self.prefilling.append(seq)
+
+    def _root(self, seq: Sequence) -> bytes:
+        """The hash chain's root: the pool's for the base model, one of its own per adapter (no block computed
+        under one adapter is found by another)."""
+        if seq.adapter == 0:
+            return self.pool.root
+        return chain_hash(self.pool.root + f"adapter:{self.adapters.names[seq.adapter - 1]}".encode(),
+                          [seq.adapter])
+
+    def _prompt_hashes(self, seq: Sequence) -> list[bytes]:
+        if seq.prompt_hashes is None:
+            bs, parent, seq.prompt_hashes = self.pool.block_size, self._root(seq), []
+            for k in range((len(seq.prompt) - 1) // bs):  # the blocks admission looks up
+                parent = chain_hash(parent, seq.prompt[k * bs : (k + 1) * bs])
+                seq.prompt_hashes.append(parent)
+        return seq.prompt_hashes
+
+    def _context_in_flight(self, seq: Sequence) -> bool:
+        """Whether the first prompt block ``seq`` would compute is one a prefilling sequence will publish."""
+        if not self.prefilling:
+            return False
+        scoring = seq.params.prompt_logprobs is not None
+        first_miss = next((h for h in self._prompt_hashes(seq)
+                           if not self.pool.contains(h) or (scoring and h not in self._block_lps)), None)
+        if first_miss is None:
+            return False
+        for s in self.prefilling:
+            if scoring and s.params.prompt_logprobs is None:
+                continue  # it publishes the block but not its log-probabilities
+            if first_miss in self._prompt_hashes(s)[s.lps_stored if scoring else len(s.hashes):]:
+                return True
+        return False
 
     def _ensure_slots(self, seq: Sequence, n_slots: int) -> None:
         while len(seq.table) * self.pool.block_size < n_slots:
@@ -395,24 +469,13 @@ class Engine:
         rows = []
         for seq, start, end in chunks:
             self._ensure_slots(seq, end + int(self.spec))
-            rows.append(Row(seq.table, start, end - start, seq.n_cached))
+            rows.append(Row(seq.table, start, end - start, seq.n_cached, seq.adapter))
         width = max(r.n for r in rows)
         ids = torch.tensor([seq.prompt[start:end] + [0] * (width - end + start) for seq, start, end in chunks],
                            device=self.device)  # [B, S]; padding is neither written nor read back
         h = self.runner.main(ids, rows, prefill=True)  # [B, S, H]
-        ending = [b for b, (seq, _, end) in enumerate(chunks) if end == len(seq.prompt)]
-        logits = self.runner.logits(h[ending, [rows[b].n - 1 for b in ending]]) if ending else None  # [E, V]
-        for b, (seq, _, end) in enumerate(chunks):
-            seq.n_cached, seq.compute_from = end, end
-            if self.spec:
-                fresh = h[b, : rows[b].n]
-                seq.h_tail = fresh if seq.h_tail is None else torch.cat([seq.h_tail, fresh])
-        for i, b in enumerate(ending):
-            seq = chunks[b][0]
-            token, _ = sample(logits[i], seq.params, seq.gen)
-            self.prefilling.remove(seq)
-            self.running.append(seq)
-            self._commit(seq, [token], [logits[i]])
+        for b, (seq, start, end) in enumerate(chunks):
+            self._after_prefill(seq, start, end, h[b, : rows[b].n])
         if self.spec:
             live = [seq for seq, _, _ in chunks if seq.finish_reason is None]
             if live:
@@ -420,7 +483,45 @@ class Engine:
         share = (time.perf_counter() - t0) / len(chunks)
         for seq, _, _ in chunks:
             self._register_blocks(seq)
+            if seq.params.prompt_logprobs is not None:
+                self._store_prompt_lps(seq)
             seq.usage.compute_seconds += share
+
+    def _after_prefill(self, seq: Sequence, start: int, end: int, h: torch.Tensor) -> None:
+        """One sequence's share of a prefill forward (h [S, H], its hidden states): prompt log-probabilities,
+        and at the prompt's end the first token (or, for scoring only, the finish)."""
+        n = len(seq.prompt)
+        seq.n_cached, seq.compute_from = end, end
+        if self.spec:
+            seq.h_tail = h if seq.h_tail is None else torch.cat([seq.h_tail, h])
+        if seq.params.prompt_logprobs is not None:
+            logits_all = self.runner.logits(h)  # [S, V]
+            last = logits_all[-1]
+            # position p's logits score prompt token p+1; positions already scored (from the store) are skipped
+            lo = len(seq.prompt_lps) - 1
+            hi = min(end, n - 1)
+            if hi > lo:
+                nxt = torch.tensor(seq.prompt[lo + 1 : hi + 1])
+                seq.prompt_lps += position_logprobs(logits_all[lo - start : hi - start], nxt, MAX_LOGPROBS)
+        elif end == n:
+            last = self.runner.logits(h[-1])  # [V]
+        if end != n:
+            return
+        self.prefilling.remove(seq)
+        k = seq.params.prompt_logprobs
+        if k is not None:
+            seq.new_prompt_lps = [None if lp is None else TokenLogprob(lp.token, lp.logprob, lp.top[:k])
+                                  for lp in seq.prompt_lps]
+        if self.spec and seq.max_tokens <= 1:
+            # a scoring request (lm-evaluation-harness asks max_tokens 0 or 1) finishes in this step: write
+            # the prompt's MTP rows now, so its blocks are final and published for the next choice's context
+            self._run_mtp([seq], prefill=True, draft=False)
+        if seq.max_tokens == 0:  # scoring only: nothing is sampled
+            self._finish(seq, "length")
+        else:
+            token, _ = sample(last, seq.params, seq.gen)
+            self.running.append(seq)
+            self._commit(seq, [token], [last])
 
     # ----- decode -------------------------------------------------------------------------------------
     def _decode_plain(self, seqs: list[Sequence]) -> None:
@@ -428,7 +529,7 @@ class Engine:
         for s in seqs:
             N = len(s.tokens)
             self._ensure_slots(s, N)
-            rows.append(Row(s.table, N - 1, 1, N - 1))
+            rows.append(Row(s.table, N - 1, 1, N - 1, s.adapter))
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # [B, 1]
         logits = self.runner.logits(self.runner.main(ids, rows, prefill=False)[:, 0])  # [B, V]
         for b, s in enumerate(seqs):
@@ -485,7 +586,7 @@ class Engine:
             else:
                 s.backoff = SPEC_BACKOFF[0]
 
-    def _run_mtp(self, seqs: list[Sequence], prefill: bool) -> None:
+    def _run_mtp(self, seqs: list[Sequence], prefill: bool, draft: bool = True) -> None:
         """Feed the MTP block every position whose next token is committed, and draft from the last one."""
         rows, h_prev, nxt, spans = [], [], [], []
         for s in seqs:
@@ -506,7 +607,7 @@ class Engine:
             k = spans[b]
             s.h_tail = s.h_tail[k:]
             s.n_mtp += k
-            if k and s.n_mtp == len(s.tokens) - 1:  # reached the pending token: draft the one after it
+            if draft and k and s.n_mtp == len(s.tokens) - 1:  # reached the pending token: draft the one after it
                 drafting.append(b)
         if drafting:
             last = out[drafting, [spans[b] - 1 for b in drafting]]  # [D, H]
@@ -521,7 +622,7 @@ class Engine:
             if self.config.record_logits:
                 seq.logits.append(lg.detach().clone())
             lp = token_logprob(lg, tok, seq.params.logprobs) if seq.params.logprobs is not None else None
-            if tok in self.eos_ids and not seq.params.ignore_eos:
+            if (tok in self.eos_ids and not seq.params.ignore_eos) or tok in seq.params.stop_token_ids:
                 seq.eos = lp
                 self._finish(seq, "stop")
                 return
@@ -562,13 +663,13 @@ class Engine:
         outs = []
         new_tokens = 0
         for seq in self.prefilling + self.running + self._done:
-            if seq.finish_reason is None and not seq.new_ids and not seq.new_text:
+            if seq.finish_reason is None and not seq.new_ids and not seq.new_text and seq.new_prompt_lps is None:
                 continue
             done = seq.finish_reason is not None
             outs.append(StepOutput(seq.id, seq.new_text, seq.new_ids, done, seq.finish_reason,
-                                   seq.usage if done else None, seq.new_logprobs))
+                                   seq.usage if done else None, seq.new_logprobs, seq.new_prompt_lps))
             new_tokens += len(seq.new_ids)
-            seq.new_ids, seq.new_text, seq.new_logprobs = [], "", []
+            seq.new_ids, seq.new_text, seq.new_logprobs, seq.new_prompt_lps = [], "", [], None
         if new_tokens:
             self._recent.append((time.perf_counter(), new_tokens))
         self._last_finished = {s.id: s for s in self._done}
@@ -583,20 +684,37 @@ class Engine:
         final = min(seq.n_cached, seq.n_mtp + 1) if self.spec else seq.n_cached
         while len(seq.hashes) < min(final // bs, len(seq.table)):
             k = len(seq.hashes)
-            parent = seq.hashes[-1] if seq.hashes else self.pool.root
+            parent = seq.hashes[-1] if seq.hashes else self._root(seq)
             h = chain_hash(parent, seq.tokens[k * bs : (k + 1) * bs])
             self.pool.register(seq.table[k], h)
             seq.hashes.append(h)
 
+    def _store_prompt_lps(self, seq: Sequence) -> None:
+        """Keep the prompt log-probabilities of each published prompt block beside its hash (LRU-bounded)."""
+        bs = self.pool.block_size
+        while seq.lps_stored < len(seq.hashes) and (seq.lps_stored + 1) * bs <= len(seq.prompt_lps):
+            k = seq.lps_stored
+            lps = seq.prompt_lps[k * bs : (k + 1) * bs]
+            if k == 0:
+                lps = [TokenLogprob(seq.prompt[0], 0.0, [])] + lps[1:]  # placeholder: position 0 has none
+            self._block_lps[seq.hashes[k]] = lps  # type: ignore[assignment]
+            self._block_lps.move_to_end(seq.hashes[k])
+            seq.lps_stored += 1
+        while len(self._block_lps) > PROMPT_LOGPROB_BLOCKS:
+            self._block_lps.popitem(last=False)
+
     # ----- whole generations (CLI, benchmarks, tests) -------------------------------------------------
-    def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[Completion]:
-        """Submit all prompts, step until every one is finished, return them in order."""
+    def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list[int] | None = None) -> list[Completion]:
+        """Submit all prompts, step until every one is finished, return them in order (``adapters``: each
+        prompt's adapter, serve.adapters)."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.submit(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        alist = adapters or [0] * len(prompts)
+        ids = [self.submit(p, sp, adapter=a) for p, sp, a in zip(prompts, plist, alist, strict=True)]
         texts = {i: [] for i in ids}
         toks: dict[str, list[int]] = {i: [] for i in ids}
         lps: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
+        plps: dict[str, list[TokenLogprob | None] | None] = {i: None for i in ids}
         done: dict[str, Completion] = {}
         while len(done) < len(ids):
             for out in self.step():
@@ -605,11 +723,13 @@ class Engine:
                 texts[out.request_id].append(out.text)
                 toks[out.request_id] += out.token_ids
                 lps[out.request_id] += out.logprobs
+                if out.prompt_logprobs is not None:
+                    plps[out.request_id] = out.prompt_logprobs
                 if out.finished:
                     rid = out.request_id
                     seq = self._last_finished[rid]
                     done[rid] = Completion(rid, "".join(texts[rid]), toks[rid], out.finish_reason or "stop",
-                                           out.usage or Usage(), seq.logits, lps[rid], seq.eos)
+                                           out.usage or Usage(), seq.logits, lps[rid], seq.eos, plps[rid])
         return [done[i] for i in ids]
 
     # ----- metrics ------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from torch import nn
 from frugallm.model.attention import MLA, RopeTable
 from frugallm.model.block import DecoderLayer
 from frugallm.model.transformer import DeepseekV3LM
+from frugallm.serve.adapters import MultiLoraLinear
 from frugallm.serve.cache import BlockPool
 
 
@@ -51,6 +52,7 @@ class Row:
     start: int
     n: int
     write_from: int
+    adapter: int = 0  # the LoRA adapter this row runs with (serve.adapters; 0: the base model)
 
 
 @dataclass
@@ -148,8 +150,14 @@ class MLAAbsorbed:
     def __call__(self, attn: MLA, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                  cache: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         q_nope, q_rope, rows = _query_and_cached_rows(attn, x, rope, cache, batch)
-        w_uk, w_uv = attn.kv_b_weights()  # [n_h, d_n, r], [n_h, d_v, r]
-        q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)  # [B, n_h, S, r]
+        kv_b = attn.kv_b_proj
+        if isinstance(kv_b, MultiLoraLinear) and kv_b.active():  # rows on different adapters: one W per row
+            w = kv_b.row_weights(x.shape[0]).unflatten(1, (attn.n_heads, attn.d_nope + attn.d_v))
+            w_uk, w_uv = w[:, :, : attn.d_nope], w[:, :, attn.d_nope :]  # [B, n_h, d_n, r], [B, n_h, d_v, r]
+            q_lat = torch.einsum("bhsd,bhdr->bhsr", q_nope, w_uk)  # [B, n_h, S, r]
+        else:
+            w_uk, w_uv = attn.kv_b_weights()  # [n_h, d_n, r], [n_h, d_v, r]
+            q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)  # [B, n_h, S, r]
         q = torch.cat([q_lat, q_rope], dim=-1)  # [B, n_h, S, W]
         B, h, S, W = q.shape
         scores = torch.matmul(q.reshape(B, h * S, W), rows.transpose(1, 2)).view(B, h, S, -1)  # [B, n_h, S, T]
@@ -158,7 +166,8 @@ class MLAAbsorbed:
             scores.masked_fill_(~batch.mask, float("-inf"))
         probs = scores.softmax(-1).to(rows.dtype)  # [B, n_h, S, T]
         o_lat = torch.matmul(probs.view(B, h * S, -1), rows[..., : attn.kv_rank]).view(B, h, S, -1)  # [B, n_h, S, r]
-        out = torch.einsum("bhsr,hvr->bshv", o_lat, w_uv)  # [B, S, n_h, d_v]
+        eq = "bhsr,bhvr->bshv" if w_uv.dim() == 4 else "bhsr,hvr->bshv"
+        out = torch.einsum(eq, o_lat, w_uv)  # [B, S, n_h, d_v]
         return out.flatten(2)  # [B, S, n_h*d_v]
 
 
@@ -224,9 +233,16 @@ class ModelRunner:
         """tokens [B, S] -> last hidden state before the final norm [B, S, H]."""
         batch = paged_batch(rows, self.pool.block_size, device=self.pool.data.device)
         rope, attend = self._rope(batch), self._attend(batch, prefill)
-        x = self.model.model.embed_tokens(tokens)  # [B, S, H]
-        for layer in self.model.model.layers:
-            x = layer.ffn(layer.attention(x, rope, attend))[0]
+        adapters = getattr(self.model, "row_adapters", None)
+        if adapters is not None:
+            adapters.use([r.adapter for r in rows])
+        try:
+            x = self.model.model.embed_tokens(tokens)  # [B, S, H]
+            for layer in self.model.model.layers:
+                x = layer.ffn(layer.attention(x, rope, attend))[0]
+        finally:
+            if adapters is not None:
+                adapters.use(None)
         return x
 
     def mtp(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, rows: list[Row], prefill: bool

@@ -44,13 +44,17 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: each output token's log-probability and the top k alternatives
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's (the first has none), as logprobs
+    stop_token_ids: tuple[int, ...] = ()  # generation stops at these, like EOS (the token is not in the output)
 
     def __post_init__(self) -> None:
         def bad(param: str, allowed: str, got: object) -> RequestError:
             return RequestError(f"{param} must be {allowed}, got {got!r}", param=param)
 
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise bad("max_tokens", "an integer >= 1", self.max_tokens)
+        # max_tokens 0 scores a prompt without generating: only with prompt log-probabilities (echo)
+        least = 0 if self.prompt_logprobs is not None else 1
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < least):
+            raise bad("max_tokens", f"an integer >= {least}", self.max_tokens)
         if not _is_num(self.temperature) or not 0 <= self.temperature <= 2:
             raise bad("temperature", "a number in [0, 2]", self.temperature)
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
@@ -61,6 +65,12 @@ class SamplingParams:
             raise bad("seed", "an integer", self.seed)
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}]", self.prompt_logprobs)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of token ids", self.stop_token_ids)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
@@ -123,6 +133,19 @@ def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
         vals, ids = lp.topk(k)
         top = list(zip(ids.tolist(), vals.tolist(), strict=True))
     return TokenLogprob(int(token), float(lp[token]), top)
+
+
+def position_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """logits [S, V] at S consecutive positions, tokens [S] the token that follows each -> one
+    ``TokenLogprob`` per position, in one log-softmax and one top-k over the batch (prompt scoring)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [S, V]
+    chosen = lp.gather(-1, tokens[:, None]).squeeze(-1).tolist()  # [S]
+    if k:
+        vals, ids = lp.topk(k, dim=-1)  # [S, k]
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenLogprob(int(t), c, top) for t, c, top in zip(tokens.tolist(), chosen, tops, strict=True)]
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator

@@ -35,9 +35,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from frugallm.serve.auth import APIKeyAuth
 from frugallm.serve.engine import Engine, StepOutput, Usage
 from frugallm.serve.loading import ROLES
-from frugallm.serve.sampling import QueueFullError, RequestError, SamplingParams
+from frugallm.serve.openai_format import (
+    TokenIds,
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    echoed_logprobs,
+    requested_logprobs,
+)
+from frugallm.serve.sampling import QueueFullError, RequestError, SamplingParams, TokenLogprob
 
 log = logging.getLogger("frugallm.serve")
 
@@ -81,11 +90,12 @@ class EngineWorker:
         self._wake.set()
         self.thread.join(timeout=10)
 
-    def submit(self, prompt: list[int], params: SamplingParams, listener: Callable[[StepOutput], None]) -> str:
+    def submit(self, prompt: list[int], params: SamplingParams, listener: Callable[[StepOutput], None],
+               adapter: int = 0) -> str:
         rid = uuid.uuid4().hex
         self.listeners[rid] = listener  # before submit: the first output may come at once
         try:
-            self.engine.submit(prompt, params, request_id=rid)
+            self.engine.submit(prompt, params, request_id=rid, adapter=adapter)
         except Exception:
             self.listeners.pop(rid, None)
             raise
@@ -132,8 +142,12 @@ def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: An
     return v
 
 
-def sampling_params(body: dict[str, Any], default_max_tokens: int | None, extra_stops: tuple[str, ...] = ()
-                    ) -> SamplingParams:
+def _bad(message: str, param: str) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def sampling_params(body: dict[str, Any], default_max_tokens: int | None, extra_stops: tuple[str, ...] = (),
+                    chat: bool = False) -> SamplingParams:
     max_tokens = _field(body, "max_completion_tokens", (int,), None)
     max_tokens = _field(body, "max_tokens", (int,), max_tokens)
     stop = body.get("stop")
@@ -149,8 +163,11 @@ def sampling_params(body: dict[str, Any], default_max_tokens: int | None, extra_
             raise APIError(400, f"{name} must be in [-2, 2], got {v}", param=name)
         if v != 0:
             raise APIError(400, f"{name} is not supported by this server (use 0)", param=name)
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+    logprobs = requested_logprobs(body, chat, _bad)
+    echo = not chat and bool(_field(body, "echo", (bool,), False))
+    stop_ids = _field(body, "stop_token_ids", (list,), [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
+        raise APIError(400, "stop_token_ids must be a list of token ids", param="stop_token_ids")
     try:
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
@@ -159,7 +176,8 @@ def sampling_params(body: dict[str, Any], default_max_tokens: int | None, extra_
             top_k=_field(body, "top_k", (int,), -1),
             stop=tuple(stop) + tuple(s for s in extra_stops if s not in stop),
             seed=_field(body, "seed", (int,), None),
-            ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)))
+            ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)),
+            logprobs=logprobs, prompt_logprobs=(logprobs or 0) if echo else None, stop_token_ids=tuple(stop_ids))
     except RequestError as e:
         raise APIError(400, str(e), param=e.param) from None
 
@@ -238,8 +256,12 @@ class StatusCounter:
 
 
 class ServerState:
-    def __init__(self, engine: Engine, model_name: str, price_per_hour: float) -> None:
+    def __init__(self, engine: Engine, model_name: str, price_per_hour: float, max_n: int = MAX_N) -> None:
         self.engine, self.model_name, self.price_per_hour = engine, model_name, price_per_hour
+        self.max_n = max_n
+        # the names a request's model may be: the base, then each adapter (serve.adapters), by index
+        self.model_names = [model_name] + (list(engine.adapters.names) if engine.adapters is not None else [])
+        self.token_text = TokenText(engine.codec.tokenizer)
         self.worker = EngineWorker(engine)
         self.http = Counter()  # (endpoint, status) -> count
         self.compute_seconds = 0.0
@@ -260,12 +282,13 @@ class ServerState:
                 "speculative_acceptance_rate": accepted / drafted if drafted else None}
 
 
-def create_app(engine: Engine, model_name: str = "frugallm", price_per_hour: float = DEFAULT_PRICE_PER_HOUR
-               ) -> FastAPI:
-    """The FastAPI app; the engine worker starts and stops with the app's lifespan."""
+def create_app(engine: Engine, model_name: str = "frugallm", price_per_hour: float = DEFAULT_PRICE_PER_HOUR,
+               api_keys: list[str] | None = None, max_n: int = MAX_N) -> FastAPI:
+    """The FastAPI app; the engine worker starts and stops with the app's lifespan. With ``api_keys`` every
+    /v1 route wants one of them as a bearer token (``serve.auth``)."""
     if engine.codec is None:
         raise RequestError("the server needs a tokenizer (engine.codec)")
-    state = ServerState(engine, model_name, price_per_hour)
+    state = ServerState(engine, model_name, price_per_hour, max_n)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -290,7 +313,8 @@ def create_app(engine: Engine, model_name: str = "frugallm", price_per_hour: flo
         log.exception("unhandled error on %s", request.url.path)
         return error_response(500, f"internal error: {type(e).__name__}", "server_error")
 
-    app.add_middleware(StatusCounter, counter=state.http)
+    app.add_middleware(APIKeyAuth, keys=list(api_keys or ()))
+    app.add_middleware(StatusCounter, counter=state.http)  # outermost: the 401s are counted too
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -299,14 +323,16 @@ def create_app(engine: Engine, model_name: str = "frugallm", price_per_hour: flo
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": state.created,
-                                            "owned_by": "frugallm", "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": state.created, "owned_by": "frugallm",
+             "max_model_len": engine.max_model_len, "root": model_name, "parent": None if i == 0 else model_name}
+            for i, name in enumerate(state.model_names)]}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(prometheus_text(state), media_type="text/plain; version=0.0.4")
 
-    async def body_of(request: Request) -> dict[str, Any]:
+    async def body_of(request: Request, need_model: bool = True) -> dict[str, Any]:
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -314,52 +340,108 @@ def create_app(engine: Engine, model_name: str = "frugallm", price_per_hour: flo
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         name = body.get("model")
+        if not need_model and name is None:
+            return body
         if not isinstance(name, str):
             raise APIError(400, "model is required (a string)", param="model")
-        if name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+        if name not in state.model_names:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{', '.join(repr(n) for n in state.model_names)}", param="model", code="model_not_found")
         return body
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await body_of(request)
-        if body.get("echo") or body.get("suffix") is not None:
-            raise APIError(400, "echo and suffix are not supported by this server",
-                           param="echo" if body.get("echo") else "suffix")
+        if body.get("suffix") is not None:
+            raise APIError(400, "suffix is not supported by this server", param="suffix")
+        if body.get("echo") and body.get("stream"):
+            raise APIError(400, "echo cannot be used with stream", param="echo")
         prompts = completion_prompts(body, engine.codec)
         params = sampling_params(body, default_max_tokens=16)
-        return await run_request(request, state, body, prompts, params, chat=False)
+        texts = body["prompt"] if isinstance(body["prompt"], list) and isinstance(body["prompt"][0], str) \
+            else [body["prompt"]] if isinstance(body["prompt"], str) else None
+        return await run_request(request, state, body, prompts, params, chat=False, prompt_texts=texts)
+
+    # ----- the tokenizer, as vLLM serves it (lm-evaluation-harness and others probe these) ------------------
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        codec = engine.codec
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": codec.eos_token,
+                "bos_token": codec.bos_token, "eos_token_ids": sorted(codec.eos_ids),
+                "chat_template": codec.chat_template, "model_max_length": engine.max_model_len,
+                "vocab_size": codec.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await body_of(request, need_model=False)
+        add_special = bool(_field(body, "add_special_tokens", (bool,), True))
+        if "messages" in body:
+            ids = chat_prompt(body, engine.codec)
+        else:
+            text = _field(body, "prompt", (str,), None)
+            if text is None:
+                raise APIError(400, "prompt (a string) or messages is required", param="prompt")
+            ids = engine.codec.encode(text, add_special_tokens=add_special)
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+        if _field(body, "return_token_strs", (bool,), False):
+            out["token_strs"] = [state.token_text.text(i) for i in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await body_of(request, need_model=False)
+        ids = body.get("tokens")
+        vocab = engine.model.config.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                for t in ids):
+            raise APIError(400, f"tokens must be a list of token ids in [0, {vocab})", param="tokens")
+        return {"prompt": engine.codec.decode(ids)}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body = await body_of(request)
         prompt = chat_prompt(body, engine.codec)
-        params = sampling_params(body, default_max_tokens=None, extra_stops=engine.codec.chat_stops)
+        params = sampling_params(body, default_max_tokens=None, extra_stops=engine.codec.chat_stops, chat=True)
         return await run_request(request, state, body, [prompt], params, chat=True)
 
     return app
 
 
+@dataclasses.dataclass
+class Choice:
+    """One choice being collected: the engine's outputs for one (prompt, sample) pair."""
+
+    prompt: list[int]
+    prompt_text: str | None  # the prompt as the client sent it, for echo; None: decode the ids
+    text: list[str] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    reason: str | None = None
+    offset: int = 0  # characters of the choice's text already streamed (text_offset of the next token)
+
+
 async def run_request(request: Request, state: ServerState, body: dict[str, Any], prompts: list[list[int]],
-                      params: SamplingParams, chat: bool) -> Response:
+                      params: SamplingParams, chat: bool, prompt_texts: list[str] | None = None) -> Response:
+    adapter = state.model_names.index(body["model"])  # 0: the base model
     n = _field(body, "n", (int,), 1)
-    if not 1 <= n <= MAX_N:
-        raise APIError(400, f"n must be in [1, {MAX_N}], got {n}", param="n")
+    if not 1 <= n <= state.max_n:
+        raise APIError(400, f"n must be in [1, {state.max_n}], got {n}", param="n")
     stream = bool(_field(body, "stream", (bool,), False))
     opts = _field(body, "stream_options", (dict,), {}) or {}
     include_usage = bool(opts.get("include_usage", False))
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
     rids: dict[int, str] = {}
+    # choice index = prompt index * n + sample index, as OpenAI numbers a batched prompt's choices
     jobs = [(i * n + j, p) for i, p in enumerate(prompts) for j in range(n)]
+    choices = {index: Choice(p, prompt_texts[index // n] if prompt_texts else None) for index, p in jobs}
     try:
         for index, prompt in jobs:
             def listener(out: StepOutput, index: int = index) -> None:
                 loop.call_soon_threadsafe(outputs.put_nowait, (index, out))
 
             p = params if params.seed is None or index == 0 else _reseeded(params, params.seed + index)
-            rids[index] = state.worker.submit(prompt, p, listener)
+            rids[index] = state.worker.submit(prompt, p, listener, adapter)
     except QueueFullError as e:
         for rid in rids.values():
             state.worker.abort(rid)
@@ -370,57 +452,77 @@ async def run_request(request: Request, state: ServerState, body: dict[str, Any]
         param = "messages" if chat and e.param == "prompt" else e.param
         raise APIError(400, str(e), param=param, code=e.code) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    meta = dict(id=rid, created=int(time.time()), model=state.model_name)
+    meta = dict(id=rid, created=int(time.time()), model=body["model"])
+    tt = TokenIds() if _field(body, "return_tokens_as_token_ids", (bool,), False) else state.token_text
     if stream:
-        events = stream_events(state, meta, outputs, rids, chat, include_usage)
+        events = stream_events(state, meta, outputs, rids, choices, params, chat, include_usage, tt)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await collect(request, state, meta, outputs, rids, chat)
+    return await collect(request, state, meta, outputs, rids, choices, params, chat, tt)
 
 
 def _reseeded(p: SamplingParams, seed: int) -> SamplingParams:
     return dataclasses.replace(p, seed=seed)  # n > 1 with a seed: distinct but reproducible choices
 
 
-async def collect(request: Request, state: ServerState, meta: dict[str, Any],
-                  outputs: asyncio.Queue, rids: dict[int, str], chat: bool) -> JSONResponse:
-    texts: dict[int, list[str]] = {i: [] for i in rids}
-    reasons: dict[int, str] = {}
+def _reason(r: str | None) -> str:
+    return r if r in ("stop", "length") else "stop"
+
+
+async def collect(request: Request, state: ServerState, meta: dict[str, Any], outputs: asyncio.Queue,
+                  rids: dict[int, str], choices: dict[int, Choice], params: SamplingParams, chat: bool,
+                  tt: TokenText) -> JSONResponse:
     usages: list[Usage] = []
+    left = len(rids)
     try:
-        while len(reasons) < len(rids):
+        while left:
             try:
                 index, out = await asyncio.wait_for(outputs.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     return error_response(499, "client disconnected")
                 continue
-            texts[index].append(out.text)
+            c = choices[index]
+            c.text.append(out.text)
+            c.logprobs += out.logprobs
+            if out.prompt_logprobs is not None:
+                c.prompt_logprobs = out.prompt_logprobs
             if out.finished:
-                reasons[index] = out.finish_reason or "stop"
+                c.reason = out.finish_reason or "stop"
                 usages.append(out.usage or Usage())
+                left -= 1
     finally:
         for index, rid in rids.items():
-            if index not in reasons:
+            if choices[index].reason is None:
                 state.worker.abort(rid)
-    if "error" in reasons.values():
+    if any(c.reason == "error" for c in choices.values()):
         raise APIError(500, "the engine failed while generating this request", "server_error")
     state.compute_seconds += sum(u.compute_seconds for u in usages)
-    choices = []
+    body_choices = []
     for index in sorted(rids):
-        text = "".join(texts[index])
-        reason = reasons[index] if reasons[index] in ("stop", "length") else "stop"
+        c = choices[index]
+        text = "".join(c.text)
         if chat:
-            choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                            "finish_reason": reason, "logprobs": None})
-        else:
-            choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})
+            lp = chat_logprobs(tt, c.logprobs) if params.logprobs is not None else None
+            body_choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": _reason(c.reason), "logprobs": lp})
+            continue
+        lp = None
+        if params.prompt_logprobs is not None:  # echo
+            prompt_text = c.prompt_text if c.prompt_text is not None else state.engine.codec.decode(c.prompt)
+            text = prompt_text + text
+            if params.logprobs is not None:
+                lp = echoed_logprobs(tt, c.prompt, c.prompt_logprobs or [None], c.logprobs)
+        elif params.logprobs is not None:
+            lp = completion_logprobs(tt, list(c.logprobs))
+        body_choices.append({"index": index, "text": text, "finish_reason": _reason(c.reason), "logprobs": lp})
     obj = "chat.completion" if chat else "text_completion"
-    return JSONResponse({**meta, "object": obj, "choices": choices, "usage": state.usage_json(usages)})
+    return JSONResponse({**meta, "object": obj, "choices": body_choices, "usage": state.usage_json(usages)})
 
 
-async def stream_events(state: ServerState, meta: dict[str, Any], outputs: asyncio.Queue,
-                        rids: dict[int, str], chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def stream_events(state: ServerState, meta: dict[str, Any], outputs: asyncio.Queue, rids: dict[int, str],
+                        choices: dict[int, Choice], params: SamplingParams, chat: bool, include_usage: bool,
+                        tt: TokenText) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     done: set[int] = set()
     usages: list[Usage] = []
@@ -431,15 +533,24 @@ async def stream_events(state: ServerState, meta: dict[str, Any], outputs: async
             payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
 
-    def choice(index: int, text: str, reason: str | None, first: bool = False) -> dict[str, Any]:
+    def choice(index: int, out: StepOutput | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+        text = out.text if out is not None else ""
+        lp = None
+        if params.logprobs is not None and out is not None:
+            c = choices[index]
+            if chat:
+                lp = chat_logprobs(tt, out.logprobs)
+            else:
+                lp = completion_logprobs(tt, list(out.logprobs), offset=c.offset)
+            c.offset += len(text)
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-            return {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
-        return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
+            return {"index": index, "delta": delta, "finish_reason": reason, "logprobs": lp}
+        return {"index": index, "text": text, "finish_reason": reason, "logprobs": lp}
 
     try:
         if chat:
-            yield event([choice(i, "", None, first=True) for i in sorted(rids)])
+            yield event([choice(i, None, None, first=True) for i in sorted(rids)])
         while len(done) < len(rids):
             index, out = await outputs.get()
             if out.finished:
@@ -450,10 +561,9 @@ async def stream_events(state: ServerState, meta: dict[str, Any], outputs: async
                                      "type": "server_error", "param": None, "code": None}}
                     yield f"data: {json.dumps(err)}\n\n"
                     break
-                reason = out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
-                yield event([choice(index, out.text, reason)])
-            elif out.text:
-                yield event([choice(index, out.text, None)])
+                yield event([choice(index, out, _reason(out.finish_reason))])
+            elif out.text or out.token_ids:
+                yield event([choice(index, out, None)])
         state.compute_seconds += sum(u.compute_seconds for u in usages)
         if include_usage:
             yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': state.usage_json(usages)})}\n\n"
@@ -516,7 +626,8 @@ def prometheus_text(state: ServerState) -> str:
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           price_per_hour: float = DEFAULT_PRICE_PER_HOUR, engine_config: Any = None, dtype: Any = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", api_keys: list[str] | None = None, max_n: int = MAX_N,
+          adapters: list[tuple[str, str]] | None = None) -> None:
     """Load PATH (a run directory or an HF directory) and serve it until interrupted."""
     import os
     from pathlib import Path
@@ -524,12 +635,21 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, model_name: str 
     import torch
     import uvicorn
 
+    from frugallm.serve.auth import open_warning
     from frugallm.serve.loading import load_for_serving
 
+    warning = open_warning(host, list(api_keys or ()))
+    if warning:
+        log.warning(warning)
+
     model, codec = load_for_serving(path, dtype=dtype or torch.float32)
+    if adapters:
+        from frugallm.serve.adapters import attach_adapters
+
+        attach_adapters(model, adapters)
     engine = Engine(model, codec, engine_config)
     name = model_name or Path(os.path.abspath(path)).name  # runs/latest serves as "latest", not its target
-    app = create_app(engine, name, price_per_hour)
-    log.info("serving %s as %r on http://%s:%d (cache %.1f MiB, %d bytes/token)", path, name, host, port,
-             engine.pool.total_bytes / 2**20, engine.cache_bytes_per_token)
+    app = create_app(engine, name, price_per_hour, api_keys=api_keys, max_n=max_n)
+    log.info("serving %s as %r on http://%s:%d (cache %.1f MiB, %d bytes/token, %d API keys)", path, name, host,
+             port, engine.pool.total_bytes / 2**20, engine.cache_bytes_per_token, len(api_keys or ()))
     uvicorn.run(app, host=host, port=port, log_level=log_level)
