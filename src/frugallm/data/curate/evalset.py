@@ -18,8 +18,10 @@ from __future__ import annotations
 import ast
 import random
 import sysconfig
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 JUNK_KINDS = ("boilerplate", "word_salad", "keyword_spam", "symbol_soup", "near_empty")
 # stdlib packages whose modules give the evaluation documents: a fixed list, so the set is the same on
@@ -119,3 +121,32 @@ def build_eval_set(junk_per_kind: int = 60, seed: int = 0) -> list[Example]:
         for i in range(junk_per_kind):
             out.append(Example(f"junk/{kind}/{i}", junk(kind, rng, vocab, rng.choice(paragraphs)), kind, False))
     return out
+
+
+def evaluate(recipe: Any, examples: list[Example]) -> dict[str, Any]:
+    """Judge every example with ``recipe``'s quality stage. Per kind: the share kept (real kinds) or removed
+    (junk kinds); overall, junk detection's precision (junk among the removed) and recall (junk removed)."""
+    from datatrove.data import Document
+
+    from frugallm.data.curate.steps import Meter, QualityStep
+
+    step = QualityStep("/nonexistent", recipe.run, recipe.quality)
+    meter = Meter("quality")
+    total: Counter[str] = Counter()
+    right: Counter[str] = Counter()
+    reasons: dict[str, Counter[str]] = {}
+    removed_real = removed_junk = 0
+    for ex in examples:
+        reason = step.judge(Document(text=ex.text, id=ex.id), meter)
+        total[ex.kind] += 1
+        right[ex.kind] += (reason is None) == ex.keep
+        if reason is not None:
+            reasons.setdefault(ex.kind, Counter())[reason] += 1
+            removed_junk += not ex.keep
+            removed_real += ex.keep
+    n_junk = sum(1 for ex in examples if not ex.keep)
+    return {"per_kind": {k: {"docs": total[k], "keep" if k not in JUNK_KINDS else "removed": right[k] / total[k]}
+                         for k in total},
+            "reasons": {k: dict(v) for k, v in reasons.items()},
+            "precision": removed_junk / max(1, removed_junk + removed_real),
+            "recall": removed_junk / max(1, n_junk)}

@@ -91,8 +91,8 @@ class Meter:
         e["chars_before"] += len(before)
         e["chars_removed"] += len(before) - len(doc.text)
         if len(e["examples"]) < self.k:
-            kept = set(doc.text.split("\n"))
-            removed = [ln for ln in before.split("\n") if ln not in kept]
+            kept = {ln.strip() for ln in doc.text.split("\n")}  # C4 strips the lines it keeps
+            removed = [ln for ln in before.split("\n") if ln.strip() and ln.strip() not in kept]
             e["examples"].append({"id": doc.id, "chars_before": len(before), "chars_after": len(doc.text),
                                   "removed_lines": [ln[:self.chars] for ln in removed[:5]],
                                   "removed_lines_total": len(removed)})
