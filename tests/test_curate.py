@@ -286,3 +286,33 @@ def test_slurm_submits_the_same_passes_as_a_chain_of_jobs(planted: dict, tmp_pat
     curate(corpus, out, recipe=recipe, workers=1)  # the jobs "run": same plan, so this resumes it
     report = curate(corpus, out, recipe=recipe, executor="slurm", workers=1)
     assert report["output"]["documents"] == 20 and len(list(out.glob("part-*"))) == 2
+
+
+def test_default_recipe_on_planted_copies_of_real_docstrings(tmp_path: Path) -> None:
+    """Issue #24's planted corpus: 60 real stdlib docstrings each with an exact and a near copy (one word
+    changed), plus 60 other docstrings alone. Dedup leaves one of each group; the filters keep >= 90%."""
+    from frugallm.data.curate.evalset import eval_files, stdlib_docstrings
+
+    docs = sorted({t for _, t in stdlib_docstrings(eval_files(), min_words=120)})
+    rng = random.Random(7)
+    rng.shuffle(docs)
+    groups, singles = docs[:60], docs[60:120]
+    assert len(singles) == 60
+    texts, owner = [], {}
+    for g, base in enumerate(groups):
+        words = base.split(" ")
+        pos = len(words) // 2
+        near = " ".join(words[:pos] + ["frobnicated"] + words[pos + 1:])
+        for t in (base, base, near):
+            texts.append(t)
+            owner[t] = g
+    texts += singles
+    write_jsonl(tmp_path / "in.jsonl", texts)
+    report = curate([str(tmp_path / "in.jsonl")], tmp_path / "out", workers=1)
+    out = [d.text for d in iter_documents([str(tmp_path / "out")])]
+    per_group = {g: sum(1 for t in out if owner.get(t) == g) for g in range(60)}
+    print(f"groups kept {sum(per_group.values())}/60, singletons kept {sum(1 for t in out if t in set(singles))}/60")
+    assert max(per_group.values()) <= 1  # never two copies of one group
+    assert sum(per_group.values()) >= 54, report["stages"][1]["reasons"]
+    assert sum(1 for t in out if t in set(singles)) >= 54
+    assert report["edited_documents"] == 0

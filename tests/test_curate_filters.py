@@ -59,7 +59,7 @@ BAD_PROSE = {
 
 
 def only(filter_name: str) -> Recipe:
-    return recipe_from_dict({"quality": {"kind": "prose", "prose": {
+    return recipe_from_dict({"quality": {"kind": "prose", "text": {"enabled": False}, "prose": {
         name: {"enabled": name == filter_name} for name in PROSE_FILTERS}}})
 
 
@@ -77,7 +77,16 @@ def test_each_prose_filter_passes_good_and_fails_crafted_text(name: str) -> None
 
 
 def test_all_prose_filters_together_pass_good_prose() -> None:
-    assert judge(recipe_from_dict({"quality": {"kind": "prose"}}), GOOD_PROSE) is None
+    assert judge(load_recipe("web"), GOOD_PROSE) is None
+    assert judge(recipe_from_dict({"quality": {"kind": "prose"}}), GOOD_PROSE) is None  # the default rules
+
+
+def test_web_filters_are_off_by_default_and_on_in_the_web_recipe() -> None:
+    default, web = Recipe().quality, load_recipe("web").quality
+    assert default.text.enabled and not any(getattr(default.prose, n).enabled for n in PROSE_FILTERS)
+    assert not web.text.enabled and all(getattr(web.prose, n).enabled for n in PROSE_FILTERS)
+    with pytest.raises(ConfigError, match="named recipes: default, web"):
+        load_recipe("webb")
 
 
 def _lines(n: int, width: int) -> str:
@@ -111,7 +120,7 @@ def test_documents_are_routed_by_kind() -> None:
     # source code would fail every prose filter; as code it passes the code heuristics
     assert judge(recipe, GOOD_CODE, "pkg/config.py") is None
     assert judge(recipe, CODE_CASES["generated"], "gen/api.py") == "code/generated"
-    assert judge(recipe, BAD_PROSE["gopher_quality"], "notes/cat.txt").split("/")[0] in PROSE_FILTERS
+    assert judge(recipe, BAD_PROSE["gopher_quality"], "notes/cat.txt") == "text/min_words"
     assert detect_kind(GOOD_CODE, "rows.jsonl:12") == "code"  # no telling extension: by content
     assert detect_kind(GOOD_PROSE, "rows.jsonl:13") == "prose"
     assert detect_kind(GOOD_PROSE, "README.md") == "prose"
@@ -168,14 +177,85 @@ def test_cli_curates_and_prints_the_report(tmp_path: Path, capsys: pytest.Captur
     (corpus / "c.txt").write_text(GOOD_PROSE)
     (corpus / "rows.jsonl").write_text(json.dumps({"text": BAD_PROSE["c4"]}) + "\n")
     out = tmp_path / "out"
-    assert main(["curate", str(corpus), "--out", str(out), "--workers", "1"]) == 0
+    assert main(["curate", str(corpus), "--out", str(out), "--workers", "1", "--recipe", "web"]) == 0
     printed = capsys.readouterr().out
     assert "exact_dedup" in printed and "c4/lorem_ipsum" in printed and "report.json" in printed
-    # C4 rebuilds prose from the lines it keeps, without the final newline
-    assert sorted(d.text for d in iter_documents([str(out)])) == sorted([GOOD_CODE, GOOD_PROSE.strip()])
+    assert "0 documents edited" in printed  # C4 dropped only the final newline: put back, not an edit
+    assert sorted(d.text for d in iter_documents([str(out)])) == sorted([GOOD_CODE, GOOD_PROSE])
     assert main(["curate", "--print-recipe"]) == 0
     assert "[near_dedup]" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
     bad.write_text("[near_dedup]\nbands = 0\n")
     assert main(["curate", str(corpus), "--out", str(tmp_path / "o2"), "--recipe", str(bad)]) == 2
     assert "near_dedup.bands" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def eval_set() -> list:
+    from frugallm.data.curate.evalset import build_eval_set
+
+    return build_eval_set(junk_per_kind=60, seed=0)
+
+
+def test_default_recipe_keeps_real_documents_and_removes_junk_per_kind(eval_set: list) -> None:
+    """The labelled set: stdlib docstrings (prose, technical) and source (code) to keep, generated junk of
+    five kinds to drop. Bars: >= 90% of each real kind kept, >= 75% of each junk kind removed."""
+    from frugallm.data.curate.evalset import JUNK_KINDS, evaluate
+
+    result = evaluate(Recipe(), eval_set)
+    print({k: v for k, v in result.items() if k != "reasons"})
+    per_kind = result["per_kind"]
+    assert set(per_kind) == {"prose", "technical", "code", *JUNK_KINDS}
+    assert all(per_kind[k]["docs"] >= 60 for k in per_kind)
+    for kind in ("prose", "technical", "code"):
+        assert per_kind[kind]["keep"] >= 0.90, (kind, per_kind[kind], result["reasons"].get(kind))
+    for kind in JUNK_KINDS:
+        assert per_kind[kind]["removed"] >= 0.75, (kind, per_kind[kind])
+    assert result["precision"] >= 0.9 and result["recall"] >= 0.75
+
+
+def test_the_evaluation_can_fail(eval_set: list) -> None:
+    """Negative controls: without the text rules word salad and keyword spam pass; the web recipe removes
+    far more than 10% of real technical prose."""
+    from frugallm.data.curate.evalset import evaluate
+
+    no_rules = evaluate(recipe_from_dict({"quality": {"text": {"enabled": False}}}), eval_set)["per_kind"]
+    assert no_rules["word_salad"]["removed"] < 0.75 and no_rules["keyword_spam"]["removed"] < 0.75
+    technical = [e for e in eval_set if e.kind == "technical"][:80]
+    assert evaluate(load_recipe("web"), technical)["per_kind"]["technical"]["keep"] < 0.9
+
+
+def test_stdlib_docstrings_of_150_words_are_kept_and_never_edited(tmp_path: Path) -> None:
+    from frugallm.data.curate.evalset import eval_files, stdlib_docstrings
+    from frugallm.data.curate.pipeline import curate
+
+    docs = stdlib_docstrings(eval_files(), min_words=150)
+    assert len(docs) >= 100
+    src = tmp_path / "docstrings.jsonl"
+    src.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in docs), encoding="utf-8")
+    report = curate([str(src)], tmp_path / "out", workers=1)
+    quality = next(s for s in report["stages"] if s["name"] == "quality")
+    assert quality["out"]["docs"] >= 0.9 * len(docs), quality["reasons"]
+    assert report["edited_documents"] == 0 and report["edits"] == {}
+    texts = {t for _, t in docs}
+    out = [d.text for d in iter_documents([str(tmp_path / "out")])]
+    assert len(out) == report["output"]["documents"] and all(t in texts for t in out)  # byte for byte
+    kinds = report["kinds"]
+    assert sum(k["in"] for k in kinds.values()) == len(docs)
+    assert sum(k["out"] for k in kinds.values()) == len(out)
+
+
+def test_web_recipe_counts_every_edited_document(tmp_path: Path) -> None:
+    from frugallm.data.curate.pipeline import curate
+
+    line = "Please enable javascript in your browser to read the comments below this article."
+    edited = GOOD_PROSE + line + "\n"
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": edited}) + "\n" + json.dumps({"text": GOOD_CODE, "id": "a.py"}) + "\n")
+    report = curate([str(src)], tmp_path / "out", workers=1, recipe=load_recipe("web"))
+    assert report["edited_documents"] == 1
+    c4 = report["edits"]["c4"]
+    assert c4["docs"] == 1 and c4["chars_removed"] == len(line) + 2  # the line, its newline, the final one
+    assert c4["examples"][0]["removed_lines"] == [line]
+    assert "c4" in (tmp_path / "out" / ".curate" / "report.txt").read_text()
+    assert json.loads((tmp_path / "out" / ".curate" / "report.json").read_text())["edits"]["c4"]["docs"] == 1

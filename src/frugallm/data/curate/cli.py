@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text files, .jsonl(.gz), .parquet, directories or globs (default: the embedded corpus)")
     p.add_argument("--out", default="runs/curated", help="output folder (default runs/curated)")
     p.add_argument("--recipe", default=None,
-                   help="a TOML recipe; fields not given keep their defaults (see --print-recipe)")
+                   help="a TOML recipe (fields not given keep their defaults; see --print-recipe), or a named one: "
+                        "default, web (the web-crawl filters Gopher, C4, FineWeb)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes running tasks at once (default: the number of CPU cores)")
     p.add_argument("--executor", choices=("local", "slurm", "ray"), default="local",

@@ -29,7 +29,9 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 DEFAULT_RECIPE = Path(__file__).with_name("default.toml")
-KINDS = ("auto", "code", "prose")
+KINDS = ("auto", "code", "prose", "technical")
+# named recipes shipped beside this file: `--recipe web` is web.toml
+NAMED_RECIPES = ("default", "web")
 OUTPUT_FORMATS = ("jsonl.gz", "parquet")
 WORD_TOKENIZERS = ("whitespace", "spacy")
 
@@ -136,9 +138,10 @@ def datatrove_filters() -> dict[str, type]:
 
 @dataclass(kw_only=True)
 class DatatroveFilterConfig:
-    """A datatrove filter: ``enabled`` plus keyword arguments for its constructor (checked against it)."""
+    """A datatrove filter: ``enabled`` plus keyword arguments for its constructor (checked against it).
+    Off by default: these are web-crawl filters (``--recipe web`` turns them on)."""
 
-    enabled: bool = True
+    enabled: bool = False
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -180,10 +183,29 @@ class ProseFiltersConfig:
                        f"not an argument of datatrove's {cls.__name__}; allowed: {', '.join(allowed)}")
 
 
+def _measured(kind: str) -> Any:
+    from frugallm.data.curate.text import measured_thresholds
+
+    return measured_thresholds()[kind]
+
+
+@dataclass(kw_only=True)
+class TextFilterConfig:
+    """Our rules for prose and technical prose (text.py), thresholds per kind measured on real documents
+    (text_thresholds.toml); a recipe may change any of them, e.g. ``[quality.text.technical] min_words = 50``."""
+
+    enabled: bool = True
+    prose: Any = field(default_factory=lambda: _measured("prose"))
+    technical: Any = field(default_factory=lambda: _measured("technical"))
+
+
 @dataclass(kw_only=True)
 class QualityConfig:
     enabled: bool = True
-    kind: str = "auto"  # which filter family a document gets: auto (by extension, then by content), code, prose
+    # which rules a document gets: auto (code by extension, then by content; else prose or technical prose
+    # by its lines), or one kind for every document
+    kind: str = "auto"
+    text: TextFilterConfig = field(default_factory=TextFilterConfig)
     code: CodeFilterConfig = field(default_factory=CodeFilterConfig)
     prose: ProseFiltersConfig = field(default_factory=ProseFiltersConfig)
 
@@ -311,12 +333,15 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
 
 
 def load_recipe(path: str | os.PathLike | None = None) -> Recipe:
-    """The default recipe, with the fields of the TOML file at ``path`` (if any) replaced."""
-    if path is None:
+    """The default recipe, with the fields of the TOML file at ``path`` (if any) replaced; ``path`` may
+    also name a shipped recipe (``NAMED_RECIPES``: ``"web"`` is ``web.toml`` beside this file)."""
+    if path is None or str(path) == "default":
         return Recipe()
     p = Path(path)
+    if str(path) in NAMED_RECIPES and not p.is_file():
+        p = DEFAULT_RECIPE.with_name(f"{path}.toml")
     if not p.is_file():
-        raise ConfigError(f"recipe {p}: no such file")
+        raise ConfigError(f"recipe {p}: no such file (named recipes: {', '.join(NAMED_RECIPES)})")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

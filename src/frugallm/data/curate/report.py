@@ -32,10 +32,16 @@ def load_meters(meter_dir: str, stage: str, examples: int = 3) -> dict[str, Any]
             total.update(part)
         return {"files": 0, "documents": 0, "bytes": 0, **total}
     merged: dict[str, Any] = {"in": Counter(), "out": Counter(), "reasons": Counter(), "examples": {},
-                              "extra": Counter()}
+                              "extra": Counter(), "kinds_out": Counter(), "edits": {}}
     for part in parts:
-        for key in ("in", "out", "reasons", "extra"):
-            merged[key].update(part[key])
+        for key in ("in", "out", "reasons", "extra", "kinds_out"):
+            merged[key].update(part.get(key, {}))
+        for name, e in part.get("edits", {}).items():
+            into = merged["edits"].setdefault(name, {"docs": 0, "chars_before": 0, "chars_removed": 0,
+                                                     "examples": []})
+            for key in ("docs", "chars_before", "chars_removed"):
+                into[key] += e[key]
+            into["examples"] = (into["examples"] + e["examples"])[:examples]
         for reason, quoted in part["examples"].items():
             merged["examples"].setdefault(reason, []).extend(quoted)
     for side in ("in", "out"):
@@ -43,6 +49,7 @@ def load_meters(meter_dir: str, stage: str, examples: int = 3) -> dict[str, Any]
     merged["examples"] = {r: q[:examples] for r, q in merged["examples"].items()}
     merged["reasons"] = dict(sorted(merged["reasons"].items(), key=lambda kv: (-kv[1], kv[0])))
     merged["extra"] = dict(merged["extra"])
+    merged["kinds_out"] = dict(merged["kinds_out"])
     return merged
 
 
@@ -55,6 +62,7 @@ def _settings(name: str, recipe: Recipe) -> dict[str, Any]:
         return {"ngram": recipe.decontaminate.ngram, "eval_sets": list(recipe.decontaminate.eval_sets)}
     if name == "quality":
         return {"kind": recipe.quality.kind, "code_filters": recipe.quality.code.enabled,
+                "text_rules": recipe.quality.text.enabled,
                 "prose_filters": [n for n in ("language", "badwords", "gopher_repetition", "gopher_quality",
                                               "c4", "fineweb") if getattr(recipe.quality.prose, n).enabled]}
     return {}
@@ -86,6 +94,14 @@ def merge_report(layout: Any, recipe: Recipe, passes: list[Any], plan: dict[str,
     emptied = next((s["name"] for s in active if s["out"]["docs"] == 0), None)
     seconds = sum(timings.values())
     out_dir = Path(layout.out)
+    quality = next((s for s in active if s["name"] == "quality"), None)
+    kinds: dict[str, dict[str, int]] = {}
+    if quality is not None:  # in: what the quality stage saw of each kind; out: what the corpus holds
+        for key, n in quality["extra"].items():
+            if key.startswith("kind_"):
+                kinds[key.removeprefix("kind_")] = {"in": n, "out": active[-1]["kinds_out"].get(
+                    key.removeprefix("kind_"), 0)}
+    edits = quality["edits"] if quality is not None else {}
     return {
         "format": REPORT_FORMAT,
         "inputs": list(inputs) if inputs else ["(embedded corpus: the standard library's .py files)"],
@@ -97,6 +113,11 @@ def merge_report(layout: Any, recipe: Recipe, passes: list[Any], plan: dict[str,
         "removed": {"docs": first_in["docs"] - last["docs"], "bytes": first_in["bytes"] - last["bytes"],
                     "tokens": (first_in["tokens"] or 0) - (last["tokens"] or 0)},
         "emptied_by": emptied,
+        "kinds": kinds,
+        # documents whose text a filter changed (C4's line removal, when a recipe turns it on), per filter
+        "edits": {name: {**e, "chars_removed_pct": round(100.0 * e["chars_removed"] / max(1, e["chars_before"]), 2)}
+                  for name, e in edits.items()},
+        "edited_documents": sum(e["docs"] for e in edits.values()),
         "tokens_counted_as": TOKEN_RULE,
         "timing": {"passes_seconds": {k: round(v, 3) for k, v in timings.items()}, "seconds": round(seconds, 3),
                    "docs_per_second": round(source["documents"] / seconds, 2) if seconds else None,
@@ -147,15 +168,32 @@ def render(report: dict[str, Any]) -> list[Any]:
                 first = " ".join(ex["text"].split())[:70]
                 examples.add_row(s["name"], reason, ex["id"][-60:], first + (f" [{ex['note']}]" if "note" in ex
                                                                              else ""))
+    kinds = Table(title="documents by kind (as the quality stage judged them): in, and in the corpus",
+                  title_justify="left")
+    for col, justify in (("kind", "left"), ("docs in", "right"), ("docs out", "right"), ("kept", "right")):
+        kinds.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for kind, n in sorted(report.get("kinds", {}).items()):
+        kinds.add_row(kind, f"{n['in']:,}", f"{n['out']:,}", f"{100 * n['out'] / max(1, n['in']):.1f}%")
+    edits = Table(title="documents whose text a filter changed (lines removed)", title_justify="left")
+    for col in ("filter", "docs edited", "chars removed", "example document", "a removed line"):
+        edits.add_column(col, overflow="fold")
+    for name, e in report.get("edits", {}).items():
+        first = e["examples"][0] if e["examples"] else {"id": "", "removed_lines": []}
+        line = " ".join(first["removed_lines"][0].split())[:60] if first["removed_lines"] else ""
+        edits.add_row(name, f"{e['docs']:,}", f"{e['chars_removed']:,} ({e['chars_removed_pct']:.1f}%)",
+                      first["id"][-50:], line)
+    if not report.get("edits"):
+        edits.add_row("(none)", "0", "0", "", "no filter changed the text of any document")
     t, out = report["timing"], report["output"]
     summary = Text(
         f"{src['documents']:,} documents in, {out['documents']:,} out "
         f"({report['removed']['docs']:,} removed, {report['removed']['tokens']:,} tokens); "
         f"{t['seconds']:.1f} s on {t['workers']} workers x {t['tasks']} tasks = "
-        f"{t['docs_per_second'] or 0:,.1f} docs/s{' (resumed)' if t['resumed'] else ''}.\n"
+        f"{t['docs_per_second'] or 0:,.1f} docs/s{' (resumed)' if t['resumed'] else ''}; "
+        f"{report.get('edited_documents', 0):,} documents edited.\n"
         f"corpus: {out['dir']} ({len(out['shards'])} {out['format']} shards, {out['disk_bytes'] / 1e6:,.1f} MB); "
         f"tokens counted as {report['tokens_counted_as']}")
-    return [funnel, examples, summary]
+    return [funnel, kinds, examples, edits, summary]
 
 
 def write_funnel_png(report: dict[str, Any], path: str | os.PathLike) -> None:

@@ -33,6 +33,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from frugallm import fsio
 from frugallm.data.curate.code import code_rejection, detect_kind
 from frugallm.data.curate.recipe import DecontaminateConfig, NearDedupConfig, QualityConfig, RunConfig
+from frugallm.data.curate.text import text_kind, text_rejection, text_stats
 from frugallm.errors import ConfigError
 
 TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]")
@@ -66,6 +67,8 @@ class Meter:
         self.reasons: Counter[str] = Counter()
         self.examples: dict[str, list[dict[str, Any]]] = {}
         self.extra: Counter[str] = Counter()
+        self.kinds_out: Counter[str] = Counter()  # documents kept, by the kind the quality stage gave them
+        self.edits: dict[str, dict[str, Any]] = {}  # per filter that changed text inside documents
 
     def _add(self, side: str, doc: DTDocument) -> None:
         n_bytes, n_tokens = doc_size(doc)
@@ -79,6 +82,20 @@ class Meter:
 
     def keep(self, doc: DTDocument) -> None:
         self._add("out", doc)
+        self.kinds_out[doc.metadata.get("kind", "unknown")] += 1
+
+    def edit(self, name: str, doc: DTDocument, before: str) -> None:
+        """Filter ``name`` changed ``doc``'s text from ``before``: count it and quote a few edits."""
+        e = self.edits.setdefault(name, {"docs": 0, "chars_before": 0, "chars_removed": 0, "examples": []})
+        e["docs"] += 1
+        e["chars_before"] += len(before)
+        e["chars_removed"] += len(before) - len(doc.text)
+        if len(e["examples"]) < self.k:
+            kept = {ln.strip() for ln in doc.text.split("\n")}  # C4 strips the lines it keeps
+            removed = [ln for ln in before.split("\n") if ln.strip() and ln.strip() not in kept]
+            e["examples"].append({"id": doc.id, "chars_before": len(before), "chars_after": len(doc.text),
+                                  "removed_lines": [ln[:self.chars] for ln in removed[:5]],
+                                  "removed_lines_total": len(removed)})
 
     def drop(self, doc: DTDocument, reason: str, note: str | None = None) -> None:
         self.reasons[reason] += 1
@@ -91,7 +108,8 @@ class Meter:
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "in": self.counts["in"], "out": self.counts["out"],
-                "reasons": dict(self.reasons), "examples": self.examples, "extra": dict(self.extra)}
+                "reasons": dict(self.reasons), "examples": self.examples, "extra": dict(self.extra),
+                "kinds_out": dict(self.kinds_out), "edits": self.edits}
 
     def save(self, meter_dir: str, rank: int) -> None:
         write_json(Path(meter_dir) / self.stage / f"{rank:05d}.json", self.to_dict())
@@ -283,7 +301,12 @@ def build_prose_filters(cfg: QualityConfig) -> list[tuple[str, PipelineStep]]:
 
 
 class QualityStep(CurateStep):
-    name = "quality (prose: datatrove filters, code: heuristics)"
+    """Gives each document a kind (code, technical prose, prose) and judges it by that kind's rules: the code
+    heuristics (code.py), the measured text rules (text.py), then any datatrove web filter the recipe turned
+    on. A filter that changes text inside a document (C4 deletes lines) is counted per filter, with examples:
+    no document is edited in silence. Only trailing whitespace dropped by a filter is put back, uncounted."""
+
+    name = "quality (code heuristics, measured text rules, optional web filters)"
     stage = "quality"
 
     def __init__(self, meter_dir: str, run: RunConfig, cfg: QualityConfig):
@@ -291,8 +314,14 @@ class QualityStep(CurateStep):
         self.cfg = cfg
         self._prose: list[tuple[str, PipelineStep]] | None = None  # built in the worker: spaCy stays there
 
+    def kind_of(self, doc: DTDocument) -> str:
+        if self.cfg.kind != "auto":
+            return self.cfg.kind
+        kind = detect_kind(doc.text, doc.id)
+        return kind if kind == "code" else text_kind(doc.text)
+
     def judge(self, doc: DTDocument, meter: Meter) -> str | None:
-        kind = self.cfg.kind if self.cfg.kind != "auto" else detect_kind(doc.text, doc.id)
+        kind = self.kind_of(doc)
         doc.metadata["kind"] = kind
         meter.extra[f"kind_{kind}"] += 1
         if kind == "code":
@@ -300,16 +329,25 @@ class QualityStep(CurateStep):
                 return None
             reason = code_rejection(doc.text, self.cfg.code)
             return None if reason is None else f"code/{reason}"
+        if self.cfg.text.enabled:
+            reason = text_rejection(text_stats(doc.text), getattr(self.cfg.text, kind))
+            if reason is not None:
+                return f"text/{reason}"
         if self._prose is None:
             self._prose = build_prose_filters(self.cfg)
-        before = doc.text
         for name, prose_filter in self._prose:
+            before = doc.text
             keep, reason = get_filter_result(prose_filter.filter(doc))
             if not keep:
+                doc.text = before
                 return f"{name}/{reason or 'rejected'}"
-        if doc.text != before:  # C4 drops lines that break its rules
-            meter.extra["changed"] += 1
-            text_changed(doc)
+            if doc.text != before:
+                if doc.text.rstrip() == before.rstrip():
+                    doc.text = before
+                else:
+                    meter.edit(name, doc, before)
+                    meter.extra["changed"] += 1
+                    text_changed(doc)
         return None
 
 
