@@ -75,7 +75,7 @@ def run_ours(root: Path, args) -> tuple[list[float], float]:
     trainer.run()
     recs = [json.loads(line) for line in (root / "ours" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "reward_mean" in r]
-    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps, steps[1:])]
+    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps, steps[1:], strict=False)]
     return times, statistics.mean(r["response_length"] for r in steps)
 
 
@@ -112,7 +112,7 @@ def run_trl(root: Path, ours_model, args) -> tuple[list[float], float]:
                           peft_config=lora, callbacks=[Stamp()])
     trainer.train()
     lengths = [float(r["completions/mean_length"]) for r in trainer.state.log_history if "completions/mean_length" in r]
-    return [b - a for a, b in zip(stamps, stamps[1:])], statistics.mean(lengths) if lengths else float("nan")
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)], statistics.mean(lengths) if lengths else float("nan")
 
 
 def main() -> int:
