@@ -189,3 +189,35 @@ def test_bad_settings_name_the_field(base, user_task, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"nothing": 1}\n')
     assert main(["rl", "--from", str(base), "--task", str(bad), "--reward", reward, "--out", str(tmp_path / "z")]) == 2
+
+
+def test_one_update_moves_probability_toward_the_better_samples(base, user_task, tmp_path):
+    """The direction of GRPO's step: after an optimizer step on one rollout batch, the sequences with a
+    positive advantage gained log-probability against those with a negative one."""
+    from frugallm.rl.grpo import group_advantages
+    from frugallm.train.optim import build_optimizer
+
+    tr = trainer(base, user_task, tmp_path / "dir", steps=1)
+    corpus = tr._start()
+    model = tr._build()
+    opt = build_optimizer(model, tr.cfg)
+    idx = tr.make_loader(corpus).next_batch()
+    model.eval()
+    ro = sample_groups(tr.engine, [corpus.train_ids[i] for i in idx], 4, max_new_tokens=6, temperature=1.0, seed=0)
+    rewards = torch.tensor(corpus.task.rewards([corpus.task.train[idx[g]] for g in ro.group], ro.texts)).view(2, 4)
+    adv = group_advantages(rewards).flatten()
+    assert adv.abs().sum() > 0
+    batch = policy_batch(ro, list(range(len(ro.group))))
+    model.train()
+
+    def seq_logp():
+        with torch.no_grad():
+            return (token_logprobs(model(batch.input_ids)[:, :-1], batch.targets) * batch.mask).sum(1)
+
+    before = seq_logp()
+    parts = tr._micro_loss(model, batch, slice(0, len(ro.group)), adv, None, float(batch.mask.sum()), len(ro.group))
+    parts.loss.backward()
+    opt.step()
+    gained = seq_logp() - before
+    assert float((adv * gained).sum()) > 0
+    assert float(gained[adv > 0].mean()) > float(gained[adv < 0].mean())
