@@ -1,5 +1,5 @@
-"""GRPO-shaped sampling: G samples of each of P prompts, our serving engine (``rl.rollout.sample_groups``: the
-group's prompt prefilled once and shared through the prefix cache, all P * G sequences decoding in one
+"""GRPO-shaped sampling: G samples of each of P prompts, our serving engine (``rl.rollout.sample_groups`` on the
+engine ``frugallm rl`` builds, ``rollout_engine``: the group's prompt prefilled once and shared through the prefix cache, all P * G sequences decoding in one
 continuous batch over the latent cache) against transformers' ``generate(num_return_sequences=G)`` over
 all P prompts in one batched call, same configuration, same weights, same prompt and output lengths, in one
 process. Prints a table and a final RESULT line (generated tokens per second, ours / theirs).
@@ -27,14 +27,12 @@ from decode_vs_hf import hf_model  # noqa: E402
 
 from frugallm.config import preset  # noqa: E402
 from frugallm.model import build_model  # noqa: E402
-from frugallm.rl.rollout import sample_groups  # noqa: E402
-from frugallm.serve.engine import Engine, EngineConfig  # noqa: E402
+from frugallm.rl.rollout import rollout_engine, sample_groups  # noqa: E402
 from frugallm.serve.sampling import SamplingParams  # noqa: E402
 
 
 def ours(model, prompts: list[list[int]], group: int, new: int) -> tuple[float, dict]:
-    engine = Engine(model, None, EngineConfig(block_size=16, cache_memory=512 * 2**20,
-                                              max_batch=len(prompts) * group, max_queue=4 * len(prompts) * group))
+    engine = rollout_engine(model, None, sequences=len(prompts) * group, longest=len(prompts[0]) + new + 4)
     engine.generate([prompts[0]], SamplingParams(max_tokens=2, temperature=0))  # warm-up: first-call costs
     engine.weights_updated()  # and no cached prompt from it
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from frugallm.serve.engine import Engine
+from frugallm.serve.engine import Engine, EngineConfig
 from frugallm.serve.sampling import SamplingParams
 
 
@@ -34,6 +34,19 @@ class Rollout:
     @property
     def completion_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
+
+
+def rollout_engine(model: torch.nn.Module, codec: object, *, sequences: int, longest: int) -> Engine:
+    """The engine GRPO samples from: room for ``sequences`` sequences of ``longest`` tokens decoding together,
+    8-token blocks (short prompts still share most of themselves), and no MTP drafting: a verify forward
+    carries two tokens per sequence, which at a rollout's batch size costs more than it saves (measured on
+    the demo model, 128 sequences: 914 tokens/s plain against 666 drafting at 77% acceptance)."""
+    from frugallm.serve.cache import cache_bytes_per_token
+
+    per_token = cache_bytes_per_token(model.config, next(model.parameters()).dtype)
+    cache = int(per_token * longest * (sequences + 8) * 1.5)
+    return Engine(model, codec, EngineConfig(block_size=8, cache_memory=max(cache, 8 * 2**20), max_batch=sequences,
+                                             max_queue=max(2 * sequences, 64), speculative=False))
 
 
 def sample_groups(engine: Engine, prompts: list[list[int]], group_size: int, *, max_new_tokens: int,
@@ -102,4 +115,4 @@ def policy_batch(rollout: Rollout, rows: list[int], pad_id: int = 0) -> PolicyBa
     return PolicyBatch(ids, ids[:, 1:], mask, old)
 
 
-__all__ = ["PolicyBatch", "Rollout", "greedy_answers", "policy_batch", "sample_groups"]
+__all__ = ["PolicyBatch", "Rollout", "greedy_answers", "policy_batch", "rollout_engine", "sample_groups"]

@@ -194,17 +194,12 @@ class GRPOTrainer(FineTuner):
 
     def _build(self) -> torch.nn.Module:
         model = super()._build()
-        from frugallm.serve.cache import cache_bytes_per_token
-        from frugallm.serve.engine import Engine, EngineConfig
+        from frugallm.rl.rollout import rollout_engine
 
         inner = self.dist.unwrap(model)
-        n = self.rl.prompts_per_step * self.rl.group_size
         longest = max(len(p) for p in self.corpus.train_ids + self.corpus.heldout_ids) + self.rl.max_new_tokens + 4
-        per_token = cache_bytes_per_token(inner.config, next(inner.parameters()).dtype, with_mtp=True)
-        batch = max(n, min(len(self.corpus.heldout_ids), 64))
-        cache = int(per_token * longest * (batch + 8) * 1.5)
-        self.engine = Engine(inner, self.corpus.codec, EngineConfig(
-            block_size=8, cache_memory=max(cache, 8 * 2**20), max_batch=batch, max_queue=max(batch * 2, 64)))
+        batch = max(self.rl.prompts_per_step * self.rl.group_size, min(len(self.corpus.heldout_ids), 64))
+        self.engine = rollout_engine(inner, self.corpus.codec, sequences=batch, longest=longest)
         if self.rl.kl_coef > 0 and self.lora_cfg is None:  # full fine-tuning: a frozen copy as the reference
             import copy
 
