@@ -70,7 +70,7 @@ def _resolve(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             tchanges[field] = int(float(v)) if field == "max_tokens" else typ(v)
     if (args.max_steps is not None or args.max_tokens is not None) and args.time_budget_s is None:
         tchanges["time_budget_s"] = None
-    if rl.epochs and not args.resume:
+    if not args.resume:  # one micro-batch holds a step's sequences unless --grad-accum splits it
         tchanges.setdefault("batch_size", rl.prompts_per_step * rl.group_size)
     return ft, rl, train_cfg.replace(**tchanges) if tchanges else train_cfg
 

@@ -213,9 +213,6 @@ class GRPOTrainer(FineTuner):
     def tokens_per_step(self) -> int:
         return self._step_tokens
 
-    def flops_per_token(self) -> float | None:
-        return super().flops_per_token()
-
     # ----- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, corpus: RLCorpus, max_windows: int | None) -> dict[str, Any]:  # type: ignore[override]
         from frugallm.rl.rollout import greedy_answers
