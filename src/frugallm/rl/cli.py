@@ -126,8 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-rank", type=int, default=None, help="adapter rank r (default 16)")
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha (default 32)")
     p.add_argument("--lora-targets", nargs="+", default=None, metavar="PATTERN", help="module patterns to adapt")
-    for flag, field, _typ, help_ in _RL_FLAGS:
-        p.add_argument(flag, dest=field, default=None, help=help_)
+    for flag, field, typ, help_ in _RL_FLAGS:  # typed here: a bad number is argparse's one-line error
+        p.add_argument(flag, dest=field, type=typ, default=None, help=help_)
     p.add_argument("--no-std-scaling", action="store_true",
                    help="advantages without the division by the group's std (Dr. GRPO)")
     p.add_argument("--out", default=None, help="run directory (default runs/rl)")

@@ -65,6 +65,8 @@ class RLConfig:
             raise ConfigError(f"group_size must be >= 2 (the group's mean is the baseline), got {self.group_size}")
         if not 0 < self.temperature <= 2:
             raise ConfigError(f"temperature must be in (0, 2] (rollouts must sample), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         self.loss_config()  # validates clip, kl and aggregation
 
     def loss_config(self) -> GRPOLossConfig:

@@ -474,8 +474,14 @@ class Engine:
         ids = torch.tensor([seq.prompt[start:end] + [0] * (width - end + start) for seq, start, end in chunks],
                            device=self.device)  # [B, S]; padding is neither written nor read back
         h = self.runner.main(ids, rows, prefill=True)  # [B, S, H]
+        # the first token's logits of every prompt that ends here (and is not scored position by position),
+        # through the head in one call
+        ending = [b for b, (seq, _, end) in enumerate(chunks)
+                  if end == len(seq.prompt) and seq.params.prompt_logprobs is None]
+        heads = self.runner.logits(h[ending, [rows[b].n - 1 for b in ending]]) if ending else None  # [E, V]
+        last_of = {b: heads[i] for i, b in enumerate(ending)}
         for b, (seq, start, end) in enumerate(chunks):
-            self._after_prefill(seq, start, end, h[b, : rows[b].n])
+            self._after_prefill(seq, start, end, h[b, : rows[b].n], last_of.get(b))
         if self.spec:
             live = [seq for seq, _, _ in chunks if seq.finish_reason is None]
             if live:
@@ -487,9 +493,11 @@ class Engine:
                 self._store_prompt_lps(seq)
             seq.usage.compute_seconds += share
 
-    def _after_prefill(self, seq: Sequence, start: int, end: int, h: torch.Tensor) -> None:
-        """One sequence's share of a prefill forward (h [S, H], its hidden states): prompt log-probabilities,
-        and at the prompt's end the first token (or, for scoring only, the finish)."""
+    def _after_prefill(self, seq: Sequence, start: int, end: int, h: torch.Tensor,
+                       last: torch.Tensor | None) -> None:
+        """One sequence's share of a prefill forward (h [S, H], its hidden states; ``last`` the logits [V] at
+        its prompt's end, when computed for the batch): prompt log-probabilities, and at the prompt's end the
+        first token (or, for scoring only, the finish)."""
         n = len(seq.prompt)
         seq.n_cached, seq.compute_from = end, end
         if self.spec:
@@ -503,8 +511,6 @@ class Engine:
             if hi > lo:
                 nxt = torch.tensor(seq.prompt[lo + 1 : hi + 1])
                 seq.prompt_lps += position_logprobs(logits_all[lo - start : hi - start], nxt, MAX_LOGPROBS)
-        elif end == n:
-            last = self.runner.logits(h[-1])  # [V]
         if end != n:
             return
         self.prefilling.remove(seq)
