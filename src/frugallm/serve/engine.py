@@ -56,10 +56,11 @@ from frugallm.serve.sampling import (
     SamplingParams,
     TextStream,
     TokenLogprob,
+    logprob_rows,
     make_generator,
     position_logprobs,
     sample,
-    token_logprob,
+    sample_rows,
     verify,
 )
 
@@ -480,8 +481,14 @@ class Engine:
                   if end == len(seq.prompt) and seq.params.prompt_logprobs is None]
         heads = self.runner.logits(h[ending, [rows[b].n - 1 for b in ending]]) if ending else None  # [E, V]
         last_of = {b: heads[i] for i, b in enumerate(ending)}
+        first: list[tuple[Sequence, torch.Tensor]] = []  # prompts that ended here: their first token's logits
         for b, (seq, start, end) in enumerate(chunks):
-            self._after_prefill(seq, start, end, h[b, : rows[b].n], last_of.get(b))
+            last = self._after_prefill(seq, start, end, h[b, : rows[b].n], last_of.get(b))
+            if last is not None:
+                first.append((seq, last))
+        if first:
+            self.running += [s for s, _ in first]  # before committing: a first token may finish it
+            self._sample_and_commit([s for s, _ in first], torch.stack([lg for _, lg in first]))
         if self.spec:
             live = [seq for seq, _, _ in chunks if seq.finish_reason is None]
             if live:
@@ -494,10 +501,10 @@ class Engine:
             seq.usage.compute_seconds += share
 
     def _after_prefill(self, seq: Sequence, start: int, end: int, h: torch.Tensor,
-                       last: torch.Tensor | None) -> None:
+                       last: torch.Tensor | None) -> torch.Tensor | None:
         """One sequence's share of a prefill forward (h [S, H], its hidden states; ``last`` the logits [V] at
         its prompt's end, when computed for the batch): prompt log-probabilities, and at the prompt's end the
-        first token (or, for scoring only, the finish)."""
+        finish for scoring only, else the logits [V] its first token is drawn from (with the batch's)."""
         n = len(seq.prompt)
         seq.n_cached, seq.compute_from = end, end
         if self.spec:
@@ -512,7 +519,7 @@ class Engine:
                 nxt = torch.tensor(seq.prompt[lo + 1 : hi + 1])
                 seq.prompt_lps += position_logprobs(logits_all[lo - start : hi - start], nxt, MAX_LOGPROBS)
         if end != n:
-            return
+            return None
         self.prefilling.remove(seq)
         k = seq.params.prompt_logprobs
         if k is not None:
@@ -524,10 +531,8 @@ class Engine:
             self._run_mtp([seq], prefill=True, draft=False)
         if seq.max_tokens == 0:  # scoring only: nothing is sampled
             self._finish(seq, "length")
-        else:
-            token, _ = sample(last, seq.params, seq.gen)
-            self.running.append(seq)
-            self._commit(seq, [token], [last])
+            return None
+        return last
 
     # ----- decode -------------------------------------------------------------------------------------
     def _decode_plain(self, seqs: list[Sequence]) -> None:
@@ -538,11 +543,19 @@ class Engine:
             rows.append(Row(s.table, N - 1, 1, N - 1, s.adapter))
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # [B, 1]
         logits = self.runner.logits(self.runner.main(ids, rows, prefill=False)[:, 0])  # [B, V]
-        for b, s in enumerate(seqs):
+        for s in seqs:
             s.n_cached = len(s.tokens)
-            token, _ = sample(logits[b], s.params, s.gen)
-            self._commit(s, [token], [logits[b]])
+        self._sample_and_commit(seqs, logits)
+        for s in seqs:
             self._register_blocks(s)
+
+    def _sample_and_commit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """One token for each sequence from its row of logits [B, V]: the draws, and the log-probabilities
+        where asked, batched over the rows (``sampling.sample_rows``, ``sampling.logprob_rows``)."""
+        tokens, _ = sample_rows(logits, [s.params for s in seqs], [s.gen for s in seqs])
+        lps = logprob_rows(logits, tokens, [s.params.logprobs for s in seqs])
+        for b, s in enumerate(seqs):
+            self._commit(s, [tokens[b]], [logits[b]], [lps[b]])
 
     def _decode_speculative(self, seqs: list[Sequence]) -> None:
         """Verify [pending, draft] for drafting sequences and decode [pending] for paused ones, in one forward."""
@@ -622,12 +635,17 @@ class Engine:
                 seqs[b].draft, seqs[b].draft_probs = sample(logits[i], seqs[b].params, seqs[b].gen)
 
     # ----- committing tokens and finishing ------------------------------------------------------------
-    def _commit(self, seq: Sequence, tokens: list[int], logits: list[torch.Tensor]) -> None:
-        for tok, lg in zip(tokens, logits, strict=True):
+    def _commit(self, seq: Sequence, tokens: list[int], logits: list[torch.Tensor],
+                lps: list[TokenLogprob | None] | None = None) -> None:
+        """Append tokens (each drawn from its logits [V]; ``lps`` their log-probabilities when already
+        computed) and finish the sequence at EOS, a stop or its length."""
+        if lps is None:
+            k = seq.params.logprobs
+            lps = [None] * len(tokens) if k is None else logprob_rows(torch.stack(logits), tokens, [k] * len(tokens))
+        for tok, lg, lp in zip(tokens, logits, lps, strict=True):
             seq.tokens.append(tok)
             if self.config.record_logits:
                 seq.logits.append(lg.detach().clone())
-            lp = token_logprob(lg, tok, seq.params.logprobs) if seq.params.logprobs is not None else None
             if (tok in self.eos_ids and not seq.params.ignore_eos) or tok in seq.params.stop_token_ids:
                 seq.eos = lp
                 self._finish(seq, "stop")

@@ -90,29 +90,65 @@ def _is_num(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN fails
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    if seed is None:
-        g.seed()  # fresh entropy: unseeded requests differ
-    else:
-        g.manual_seed(seed)
-    return g
+class RandomStream:
+    """A sequence's source of uniform draws in [0, 1): a seeded ``torch.Generator`` read in chunks of
+    ``CHUNK``, so that sampling a batch costs no per-row generator call, and a sequence's draws (hence its
+    tokens) are the same whichever batch it decodes in."""
+
+    CHUNK = 64
+
+    def __init__(self, seed: int | None) -> None:
+        self.gen = torch.Generator()
+        if seed is None:
+            self.gen.seed()  # fresh entropy: unseeded requests differ
+        else:
+            self.gen.manual_seed(seed)
+        self._buf: list[float] = []
+
+    def uniform(self) -> float:
+        if not self._buf:
+            self._buf = torch.rand(self.CHUNK, generator=self.gen, dtype=torch.float64).tolist()[::-1]
+        return self._buf.pop()
+
+
+def make_generator(seed: int | None) -> RandomStream:
+    return RandomStream(seed)
 
 
 def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """logits [V] -> the distribution sampled from [V] (float32): temperature, then top-k, then top-p."""
-    x = logits.float() / p.temperature
-    if p.top_k > 0 and p.top_k < x.shape[-1]:
-        kth = x.topk(p.top_k).values[-1]
+    return warp_rows(logits[None], [p])[0]
+
+
+def warp_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] with each row's parameters (none greedy) -> the distributions sampled from [B, V]
+    (float32): temperature, then top-k, then top-p, each row by its own values, in a few batched ops."""
+    B, V = logits.shape
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+    x = logits.float() / temps[:, None]  # [B, V]
+    ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+    if any(ks):
+        top = x.topk(max(ks), dim=-1).values  # [B, k_max], descending
+        kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks])[:, None])  # [B, 1]
+        kth = torch.where(torch.tensor(ks)[:, None] > 0, kth, float("-inf"))  # rows without top-k keep all
         x = x.masked_fill(x < kth, float("-inf"))
-    probs = x.softmax(-1)
-    if p.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
+    probs = x.softmax(-1)  # [B, V]
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)[:, None]  # [B, 1]
+        sorted_p, order = probs.sort(dim=-1, descending=True)
         # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= p.top_p
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        probs = probs / probs.sum()
+        probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def draw_rows(probs: torch.Tensor, uniforms: Sequence[float]) -> torch.Tensor:
+    """One token per row of probs [B, V] by inverse transform: the first token whose cumulative probability
+    exceeds u * total (``right=True``: a token of probability 0 is never drawn). -> [B] int64."""
+    cdf = probs.cumsum(-1)  # [B, V]
+    u = torch.tensor(uniforms, dtype=cdf.dtype)[:, None] * cdf[:, -1:]  # [B, 1]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
 
 
 @dataclass
@@ -127,12 +163,28 @@ class TokenLogprob:
 
 def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     """logits [V] (float32) -> the log-probability of ``token`` and the top ``k`` alternatives."""
-    lp = torch.log_softmax(logits.float(), dim=-1)  # [V]
-    top: list[tuple[int, float]] = []
-    if k:
-        vals, ids = lp.topk(k)
-        top = list(zip(ids.tolist(), vals.tolist(), strict=True))
-    return TokenLogprob(int(token), float(lp[token]), top)
+    out = logprob_rows(logits[None], [token], [k])[0]
+    assert out is not None
+    return out
+
+
+def logprob_rows(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int | None]
+                 ) -> list[TokenLogprob | None]:
+    """``token_logprob`` for every row of logits [B, V] whose k is not None (one log-softmax and one top-k
+    for all of them); None for the others."""
+    out: list[TokenLogprob | None] = [None] * len(ks)
+    want = [b for b, k in enumerate(ks) if k is not None]
+    if not want:
+        return out
+    lp = torch.log_softmax((logits if len(want) == len(ks) else logits[want]).float(), dim=-1)  # [R, V]
+    chosen = lp.gather(-1, torch.tensor([tokens[b] for b in want])[:, None]).squeeze(-1).tolist()  # [R]
+    k_max = max(ks[b] for b in want)  # type: ignore[type-var]
+    vals, ids = lp.topk(k_max, dim=-1) if k_max else (None, None)
+    for i, b in enumerate(want):
+        k = ks[b]
+        top = list(zip(ids[i, :k].tolist(), vals[i, :k].tolist(), strict=True)) if k else []  # type: ignore[index]
+        out[b] = TokenLogprob(int(tokens[b]), chosen[i], top)
+    return out
 
 
 def position_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
@@ -148,17 +200,33 @@ def position_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> lis
     return [TokenLogprob(int(t), c, top) for t, c, top in zip(tokens.tolist(), chosen, tops, strict=True)]
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator
+def sample(logits: torch.Tensor, p: SamplingParams, rng: RandomStream
            ) -> tuple[int, torch.Tensor | None]:
     """One token from logits [V]; also the distribution it was drawn from (None when greedy)."""
-    if p.greedy:
-        return int(logits.argmax()), None
-    probs = warp(logits, p)
-    return int(torch.multinomial(probs, 1, generator=gen)), probs
+    tokens, probs = sample_rows(logits[None], [p], [rng])
+    return tokens[0], None if probs[0] is None else probs[0]
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence[RandomStream]
+                ) -> tuple[list[int], list[torch.Tensor | None]]:
+    """One token per row of logits [B, V], each row with its own parameters and random stream, in batched
+    ops whatever the mix (greedy rows: one argmax; sampled rows: one warp and one draw); also each row's
+    distribution (None for greedy rows). A row's token does not depend on the other rows."""
+    B = logits.shape[0]
+    tokens = logits.argmax(-1).tolist()  # [B]; kept for the greedy rows
+    dists: list[torch.Tensor | None] = [None] * B
+    hot = [b for b, p in enumerate(params) if not p.greedy]
+    if hot:
+        rows = logits if len(hot) == B else logits[hot]
+        probs = warp_rows(rows, [params[b] for b in hot])  # [B_s, V]
+        drawn = draw_rows(probs, [rngs[b].uniform() for b in hot]).tolist()
+        for i, b in enumerate(hot):
+            tokens[b], dists[b] = drawn[i], probs[i]
+    return tokens, dists
 
 
 def verify(main_logits: torch.Tensor, drafts: Sequence[int], draft_probs: Sequence[torch.Tensor | None],
-           p: SamplingParams, gen: torch.Generator) -> list[int]:
+           p: SamplingParams, rng: RandomStream) -> list[int]:
     """main_logits [k+1, V] at the pending token and each of the k drafts -> the tokens to commit: the
     accepted drafts followed by one token from the main model (the correction, or the bonus after k
     accepted drafts), so 1 .. k+1 tokens."""
@@ -172,13 +240,13 @@ def verify(main_logits: torch.Tensor, drafts: Sequence[int], draft_probs: Sequen
             target, q = warp(main_logits[i], p), draft_probs[i]
             assert q is not None, "a sampled draft keeps its distribution"
             accept = min(1.0, float(target[d]) / max(float(q[d]), 1e-20))
-            if float(torch.rand((), generator=gen)) >= accept:
+            if rng.uniform() >= accept:
                 residual = (target - q).clamp_min(0)
                 if float(residual.sum()) <= 0:  # p == q: any draw from p is exact
                     residual = target
-                return out + [int(torch.multinomial(residual / residual.sum(), 1, generator=gen))]
+                return out + [int(draw_rows(residual[None], [rng.uniform()])[0])]
         out.append(d)
-    return out + [sample(main_logits[len(drafts)], p, gen)[0]]
+    return out + [sample(main_logits[len(drafts)], p, rng)[0]]
 
 
 class TextStream:
