@@ -479,3 +479,33 @@ def test_prompts_sharing_a_context_submitted_together_compute_it_once():
         assert [lp.logprob for lp in o.prompt_logprobs[1:]] == pytest.approx(
             [lp.logprob for lp in alone.prompt_logprobs[1:]], abs=1e-5)
         assert o.token_ids == alone.token_ids
+
+
+# ----- the lean decode step ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("tokens", [1, 2, 5])  # N*k = 2, 4 (<= E = 4: each chosen expert once), 10 (grouped)
+def test_serving_ffn_equals_the_blocks_own(tokens: int) -> None:
+    from frugallm.serve.ffn import ffn_half
+
+    model = tiny()
+    x = torch.randn(1, tokens, TINY["hidden_size"], generator=torch.Generator().manual_seed(tokens))
+    with torch.inference_mode():
+        for layer in model.model.layers:  # the dense first layer, then an MoE one
+            assert torch.allclose(ffn_half(layer, x), layer.ffn(x)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_consecutive_blocks_are_read_as_a_view_and_others_gathered() -> None:
+    from frugallm.serve.runner import paged_batch, store_and_gather
+
+    cache = torch.randn(8 * 4, 3)  # 8 blocks of 4 slots
+    rows = torch.randn(1, 1, 3)
+    views = {}
+    for table in ([2, 3, 4], [4, 2, 3]):
+        batch = paged_batch([Row(table, 9, 1, 9)], block_size=4)
+        assert (batch.key_start is not None) == (table == [2, 3, 4])
+        c = cache.clone()
+        views[tuple(table)] = (store_and_gather(c, rows, batch), c, batch)
+    (a, ca, ba), (b, cb, bb) = views.values()
+    assert a.data_ptr() == ca[8:].data_ptr()  # no copy of the context
+    # both read what their slots hold: key p of table t is slot t[p // 4] * 4 + p % 4
+    assert torch.equal(a[0], ca[ba.key_slots[0]]) and torch.equal(b[0], cb[bb.key_slots[0]])
+    assert torch.equal(a[0, 9], rows[0, 0]) and torch.equal(b[0, 9], rows[0, 0])

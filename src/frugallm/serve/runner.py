@@ -41,6 +41,7 @@ from frugallm.model.block import DecoderLayer
 from frugallm.model.transformer import DeepseekV3LM
 from frugallm.serve.adapters import MultiLoraLinear
 from frugallm.serve.cache import BlockPool
+from frugallm.serve.ffn import ffn_half
 
 
 @dataclass
@@ -63,6 +64,7 @@ class PagedBatch:
     write_rows: torch.Tensor  # [N_w] flat query index (b*S + s) whose row is written
     write_slots: torch.Tensor  # [N_w] and where
     contiguous: bool  # one sequence, no padding: the model's own causal attention applies
+    key_start: int | None = None  # one sequence whose T key slots are consecutive: the first (read as a view)
 
     @property
     def start(self) -> int:
@@ -92,10 +94,17 @@ def paged_batch(rows: list[Row], block_size: int, shift: int = 0, device: torch.
     if not (B == 1 and S == 1):
         mask = (torch.arange(T)[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, S, T]
     contiguous = B == 1 and rows[0].n == S
+    key_start = None
+    if B == 1:  # one sequence: its blocks are often consecutive (the free list hands out low ids first)
+        first, last = shift // bs, (shift + T - 1) // bs
+        table = rows[0].table
+        if table[last] - table[first] == last - first and all(
+                table[i + 1] == table[i] + 1 for i in range(first, last)):
+            key_start = table[first] * bs + shift % bs
     to = dict(device=device)
     return PagedBatch(positions.to(**to), key_slots.to(**to), None if mask is None else mask.to(**to),
                       torch.tensor(write_rows, dtype=torch.long, **to),
-                      torch.tensor(write_slots, dtype=torch.long, **to), contiguous)
+                      torch.tensor(write_slots, dtype=torch.long, **to), contiguous, key_start)
 
 
 def store_and_gather(cache: torch.Tensor, entries: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
@@ -105,7 +114,10 @@ def store_and_gather(cache: torch.Tensor, entries: torch.Tensor, batch: PagedBat
     new = entries.reshape(B * S, W).index_select(0, batch.write_rows)  # [N_w, W]
     cache.index_copy_(0, batch.write_slots, new.to(cache.dtype))
     T = batch.key_slots.shape[1]
-    keys = cache.index_select(0, batch.key_slots.flatten()).view(B, T, W)  # [B, T, W]
+    if batch.key_start is not None:  # consecutive slots: a view of the cache, no copy of the context
+        keys = cache.narrow(0, batch.key_start, T).unsqueeze(0)  # [1, T, W]
+    else:
+        keys = cache.index_select(0, batch.key_slots.flatten()).view(B, T, W)  # [B, T, W]
     return keys.to(entries.dtype)
 
 
@@ -157,7 +169,7 @@ class MLAAbsorbed:
             q_lat = torch.einsum("bhsd,bhdr->bhsr", q_nope, w_uk)  # [B, n_h, S, r]
         else:
             w_uk, w_uv = attn.kv_b_weights()  # [n_h, d_n, r], [n_h, d_v, r]
-            q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)  # [B, n_h, S, r]
+            q_lat = torch.matmul(q_nope, w_uk)  # [B, n_h, S, d_n] x [n_h, d_n, r] -> [B, n_h, S, r]
         q = torch.cat([q_lat, q_rope], dim=-1)  # [B, n_h, S, W]
         B, h, S, W = q.shape
         scores = torch.matmul(q.reshape(B, h * S, W), rows.transpose(1, 2)).view(B, h, S, -1)  # [B, n_h, S, T]
@@ -166,9 +178,8 @@ class MLAAbsorbed:
             scores.masked_fill_(~batch.mask, float("-inf"))
         probs = scores.softmax(-1).to(rows.dtype)  # [B, n_h, S, T]
         o_lat = torch.matmul(probs.view(B, h * S, -1), rows[..., : attn.kv_rank]).view(B, h, S, -1)  # [B, n_h, S, r]
-        eq = "bhsr,bhvr->bshv" if w_uv.dim() == 4 else "bhsr,hvr->bshv"
-        out = torch.einsum(eq, o_lat, w_uv)  # [B, S, n_h, d_v]
-        return out.flatten(2)  # [B, S, n_h*d_v]
+        out = torch.matmul(o_lat, w_uv.transpose(-1, -2))  # [B, n_h, S, r] x [(B,) n_h, r, d_v] -> [B, n_h, S, d_v]
+        return out.transpose(1, 2).flatten(2)  # [B, S, n_h*d_v]
 
 
 class KVHeads:
@@ -239,7 +250,7 @@ class ModelRunner:
         try:
             x = self.model.model.embed_tokens(tokens)  # [B, S, H]
             for layer in self.model.model.layers:
-                x = layer.ffn(layer.attention(x, rope, attend))[0]
+                x = ffn_half(layer, layer.attention(x, rope, attend))
         finally:
             if adapters is not None:
                 adapters.use(None)
@@ -252,7 +263,7 @@ class ModelRunner:
         module = self.model.model.mtp[0]
         batch = paged_batch(rows, self.pool.block_size, shift=1, device=self.pool.data.device)
         x = module.combine(h_prev, self.model.model.embed_tokens(next_tokens))  # [B, S, H]
-        return module.ffn(module.attention(x, self._rope(batch), self._attend(batch, prefill)))[0]
+        return ffn_half(module, module.attention(x, self._rope(batch), self._attend(batch, prefill)))
 
     def logits(self, h: torch.Tensor, mtp: bool = False) -> torch.Tensor:
         norm = self.model.model.mtp[0].shared_head.norm if mtp else None
