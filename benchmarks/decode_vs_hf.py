@@ -2,7 +2,8 @@
 configuration and same weights, in one process. Prints a table and a final RESULT line.
 
     .venv/bin/python benchmarks/decode_vs_hf.py [--preset tiny] [--contexts 512 4096] [--new-tokens 32]
-        [--streams 16] [--mtp-model RUN_OR_HF_DIR] [--train-seconds 60] [--threads 2]
+        [--streams 16] [--mtp-model RUN_OR_HF_DIR] [--train-seconds 60] [--threads 2] [--groups 16 8]
+        [--profile]
 
 Measured, each at every context length (a random prompt of that many tokens, greedy decoding):
 - decode tokens per second after the prompt (the first token's time excluded on both sides);
@@ -31,6 +32,8 @@ from frugallm.model import build_model
 from frugallm.serve.cache import cache_bytes_per_token
 from frugallm.serve.engine import Engine, EngineConfig
 from frugallm.serve.sampling import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rollout_vs_hf, for the batched-sampling figure
 
 
 def hf_model(cfg: ModelConfig, ours: torch.nn.Module):
@@ -179,6 +182,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=2,
                     help="measurements per figure, alternating the two sides; the best is kept (shared machines)")
+    ap.add_argument("--groups", type=int, nargs=2, default=[16, 8], metavar=("PROMPTS", "SAMPLES"),
+                    help="the batched-sampling figure: SAMPLES samples of each of PROMPTS prompts (0 0: skip)")
+    ap.add_argument("--profile", action="store_true",
+                    help="then profile our decode step at each context and print where its time goes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -238,6 +245,33 @@ def main() -> None:
           f"for one stream ({many / one:.2f}x)")
     result.update(batch_streams=args.streams, batch_throughput_ratio=many / one)
 
+    # many samples of each prompt (GRPO rollouts, n > 1): benchmarks/rollout_vs_hf.py's measurement
+    if args.groups[0] > 0:
+        from rollout_vs_hf import ours as group_ours
+        from rollout_vs_hf import theirs as group_theirs
+
+        g = torch.Generator().manual_seed(1)
+        gprompts = torch.randint(3, cfg.vocab_size, (args.groups[0], 64), generator=g).tolist()
+        mine = hfs = 0.0
+        for _ in range(args.repeats):
+            mine = max(mine, group_ours(ours, gprompts, args.groups[1], args.new_tokens)[0])
+            hfs = max(hfs, group_theirs(theirs, gprompts, args.groups[1], args.new_tokens))
+        print(f"\n{args.groups[1]} samples of each of {args.groups[0]} prompts (64 prompt + {args.new_tokens} new "
+              f"tokens, temperature 1): {mine:.1f} tok/s against transformers' generate(num_return_sequences="
+              f"{args.groups[1]}) {hfs:.1f} ({mine / hfs:.2f}x)")
+        result.update(group_tok_s=mine, hf_group_tok_s=hfs, group_speedup=mine / hfs)
+
+    if args.profile:
+        print(f"\nwhere our decode step's time goes (one stream, {min(16, args.new_tokens)} profiled steps, per step):")
+        print(f"{'context':>8}{'wall ms':>9}{'ops':>7}{'allocs':>8}{'GEMM ms':>9}{'copies ms':>10}"
+              f"{'other ops ms':>13}{'Python ms':>10}  largest other operators")
+        for ctx in args.contexts:
+            ids = torch.randint(0, cfg.vocab_size, (ctx,), generator=torch.Generator().manual_seed(ctx)).tolist()
+            print(f"{ctx:>8}" + profile_decode(engine(max_batch=1), ids, steps=min(16, args.new_tokens)))
+        print("ops: operator calls (views included); allocs: tensor allocations; copies: copy, gather, scatter "
+              "and concatenation operators; Python: the step's wall time not spent inside an operator "
+              "(interpreter, scheduling, dispatch)")
+
     # MTP speculative decoding
     model, mprompts, origin, decode = mtp_model(args)
     for label, temperature in (("greedy", 0.0), ("sampled", 1.0)):
@@ -251,6 +285,48 @@ def main() -> None:
             result["mtp_identical"] = int(same)
     result.update(cache_bytes_per_token=engine().cache_bytes_per_token, latent_formula_bytes=formula)
     print("RESULT " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+GEMM_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm", "mkldnn::_linear_pointwise"}
+COPY_OPS = {"aten::copy_", "aten::index_select", "aten::index_copy_", "aten::cat", "aten::index_add_", "aten::gather",
+            "aten::scatter", "aten::scatter_", "aten::clone", "aten::stack"}
+
+
+def profile_decode(engine: Engine, ids: list[int], steps: int = 16) -> str:
+    """Run one sequence through its prefill, then profile ``steps`` decode steps: wall time, operator calls,
+    allocations and operator self time by kind per step; Python is wall time minus operator self time."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.submit(ids, SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True))
+    while not engine.running:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = (time.perf_counter() - t0) / steps * 1e3
+    parts: Counter[str] = Counter()
+    other: Counter[str] = Counter()
+    ops = allocs = 0
+    for e in prof.events():
+        if e.name == "[memory]":
+            allocs += e.cpu_memory_usage > 0
+            continue
+        ops += 1
+        ms = e.self_cpu_time_total / 1e3 / steps
+        kind = "gemm" if e.name in GEMM_OPS else "copy" if e.name in COPY_OPS else "other"
+        parts[kind] += ms
+        if kind == "other":
+            other[e.name] += ms
+    engine.abort_all()
+    python = wall - sum(parts.values())
+    top = ", ".join(f"{n.split('::')[-1]} {ms:.2f}" for n, ms in other.most_common(4))
+    return (f"{wall:>9.2f}{ops / steps:>7.0f}{allocs / steps:>8.0f}{parts['gemm']:>9.2f}{parts['copy']:>10.2f}"
+            f"{parts['other']:>13.2f}{python:>10.2f}  {top}")
 
 
 if __name__ == "__main__":

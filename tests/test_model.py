@@ -352,3 +352,20 @@ def test_written_out_norm_and_swiglu_backward_equal_autograd() -> None:
     g = torch.randn_like(ref)
     torch.testing.assert_close(swiglu(h), ref)
     torch.testing.assert_close(torch.autograd.grad(swiglu(h), h, g)[0], torch.autograd.grad(ref, h, g)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_without_backward_equals_the_autograd_function(dtype) -> None:
+    """Under no_grad RMSNorm runs torch's fused rms_norm; with a backward its own Function: same values."""
+    from frugallm.model.layers import RMSNorm
+
+    norm = RMSNorm(64, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64) + 0.5)
+    x = (torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    with_grad = norm(x.clone().requires_grad_())
+    with torch.no_grad():
+        fast = norm(x)
+    assert fast.dtype == with_grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(fast.float(), with_grad.detach().float(), atol=tol, rtol=tol)
