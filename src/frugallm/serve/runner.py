@@ -169,7 +169,7 @@ class MLAAbsorbed:
             q_lat = torch.einsum("bhsd,bhdr->bhsr", q_nope, w_uk)  # [B, n_h, S, r]
         else:
             w_uk, w_uv = attn.kv_b_weights()  # [n_h, d_n, r], [n_h, d_v, r]
-            q_lat = torch.matmul(q_nope, w_uk)  # [B, n_h, S, d_n] x [n_h, d_n, r] -> [B, n_h, S, r]
+            q_lat = _per_head(q_nope, w_uk)  # [B, n_h, S, r]
         q = torch.cat([q_lat, q_rope], dim=-1)  # [B, n_h, S, W]
         B, h, S, W = q.shape
         scores = torch.matmul(q.reshape(B, h * S, W), rows.transpose(1, 2)).view(B, h, S, -1)  # [B, n_h, S, T]
@@ -178,8 +178,19 @@ class MLAAbsorbed:
             scores.masked_fill_(~batch.mask, float("-inf"))
         probs = scores.softmax(-1).to(rows.dtype)  # [B, n_h, S, T]
         o_lat = torch.matmul(probs.view(B, h * S, -1), rows[..., : attn.kv_rank]).view(B, h, S, -1)  # [B, n_h, S, r]
-        out = torch.matmul(o_lat, w_uv.transpose(-1, -2))  # [B, n_h, S, r] x [(B,) n_h, r, d_v] -> [B, n_h, S, d_v]
+        if w_uv.dim() == 4:  # one W_UV per row
+            out = torch.matmul(o_lat, w_uv.transpose(-1, -2))  # [B, n_h, S, d_v]
+        else:
+            out = _per_head(o_lat, w_uv.transpose(-1, -2))  # [B, n_h, S, d_v]
         return out.transpose(1, 2).flatten(2)  # [B, S, n_h*d_v]
+
+
+def _per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B, n_h, S, a] times each head's w [n_h, a, c] -> [B, n_h, S, c] as one GEMM per head over all B*S
+    rows (a broadcasting matmul would copy w once per row of the batch)."""
+    B, h, S, a = x.shape
+    y = torch.bmm(x.transpose(0, 1).reshape(h, B * S, a), w)  # [n_h, B*S, c]
+    return y.view(h, B, S, -1).transpose(0, 1)
 
 
 class KVHeads:
