@@ -213,9 +213,9 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Se
     ops whatever the mix (greedy rows: one argmax; sampled rows: one warp and one draw); also each row's
     distribution (None for greedy rows). A row's token does not depend on the other rows."""
     B = logits.shape[0]
-    tokens = logits.argmax(-1).tolist()  # [B]; kept for the greedy rows
-    dists: list[torch.Tensor | None] = [None] * B
     hot = [b for b, p in enumerate(params) if not p.greedy]
+    tokens = logits.argmax(-1).tolist() if len(hot) < B else [0] * B  # [B]; kept for the greedy rows
+    dists: list[torch.Tensor | None] = [None] * B
     if hot:
         rows = logits if len(hot) == B else logits[hot]
         probs = warp_rows(rows, [params[b] for b in hot])  # [B_s, V]
