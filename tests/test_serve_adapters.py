@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from frugallm.config import ModelConfig
-from frugallm.errors import CheckpointError
 from frugallm.model import build_model
 from frugallm.serve.adapters import MultiLoraLinear, attach_adapters
 from frugallm.serve.engine import Engine, EngineConfig
@@ -30,6 +29,9 @@ def lora_model(base, tmp_path, name: str, seed: int, targets=DENSE):
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for _, mod in lora_modules(m):
+            for pname, param in mod.named_parameters(recurse=False):  # LoraExperts' B factors
+                if pname.startswith("lora_B"):
+                    param.copy_(torch.randn(param.shape, generator=g) * 0.3)
             if hasattr(mod, "lora_B"):
                 mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g) * 0.3)
     save_adapter(m, tmp_path / name, cfg)
@@ -73,11 +75,25 @@ def test_mixed_adapter_batches_equal_each_adapters_model(tmp_path, decode_attent
     assert other.usage.prompt_cache_hit_tokens == 0 and other.token_ids == refs[1]
 
 
-def test_expert_adapters_are_refused_with_the_reason(tmp_path) -> None:
+def test_expert_adapters_in_mixed_batches_equal_each_adapters_model(tmp_path) -> None:
+    """Adapters on the routed experts (finetune's default targets include them) served by name: rows on an
+    experts-only adapter, on one with every default target, and on the base decode in one batch, each as its
+    own LoRA model; at two rows per batch and at more tokens than experts (the grouped path)."""
     base = build_model(ModelConfig(**SERVE_TINY), seed=4).eval()
-    lora_model(base, tmp_path, "experts", 3, targets=("mlp.experts",))
-    with pytest.raises(CheckpointError, match="routed experts"):
-        attach_adapters(copy.deepcopy(base), [("experts", tmp_path / "experts")])
+    ex = lora_model(base, tmp_path, "experts", 3, targets=("mlp.experts",))
+    every = lora_model(base, tmp_path, "every", 5, targets=DENSE + ("mlp.experts",))
+    served = copy.deepcopy(base)
+    attach_adapters(served, [("experts", tmp_path / "experts"), ("every", tmp_path / "every")])
+    assert type(served.model.layers[1].mlp.experts).__name__ == "MultiLoraExperts"
+    eng = Engine(served, None, EngineConfig(block_size=8, cache_memory=1 << 20))
+    prompt = torch.randint(0, 96, (13,), generator=torch.Generator().manual_seed(1)).tolist()
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outs = eng.generate([prompt, prompt, prompt, prompt[:7]], p, adapters=[1, 2, 0, 1])
+    refs = [greedy(ex, prompt, 6), greedy(every, prompt, 6), greedy(base, prompt, 6), greedy(ex, prompt[:7], 6)]
+    assert [o.token_ids for o in outs] == refs
+    assert refs[0] != refs[2] and refs[1] != refs[2]  # the expert adapters do change the output
+    (alone,) = Engine(served, None, EngineConfig(block_size=8, cache_memory=1 << 20)).generate([prompt], p, adapters=[1])
+    assert alone.token_ids == refs[0]
 
 
 def test_server_serves_adapters_by_model_name(tmp_path) -> None:

@@ -12,8 +12,13 @@ adapters on kv_b_proj it takes one merged weight per row instead (``MultiLoraLin
 adapter). The prefix cache keys blocks under a different root per adapter (``Engine``), so no block computed
 under one adapter is ever served to another.
 
-Not served this way (yet): adapters on the routed experts (``mlp.experts``) and on the MTP module (speculative
-decoding is off when adapters are attached); such an adapter is refused with the reason.
+Adapters on the routed experts (``mlp.experts``) are nonlinear in their effect (SwiGLU sits between the two
+adapted projections), so they are not a delta added to the base's output: ``MultiLoraExperts`` runs each
+adapter's tokens through that adapter's ``tune.lora.LoraExperts`` over the shared base experts, and the base's
+tokens through the base, each group in one call.
+
+Not served this way (yet): adapters on the MTP module (speculative decoding is off when adapters are
+attached); such an adapter is refused with the reason.
 """
 
 from __future__ import annotations
@@ -95,6 +100,38 @@ class MultiLoraLinear(nn.Module):
         return y
 
 
+class MultiLoraExperts(nn.Module):
+    """The routed experts with adapters per batch row: ``adapters[a]`` is adapter a's ``LoraExperts`` over
+    ``base`` (the same stacked weights, its own factors). Called as ``GroupedExperts`` is, (x [N, H],
+    indices [N, k], gates [N, k]) -> [N, H], with the N tokens the batch rows' tokens in order."""
+
+    def __init__(self, base: nn.Module, rows: RowAdapters) -> None:
+        super().__init__()
+        self.base, self.rows = base, rows
+        self.n_experts = base.n_experts
+        self.adapters = nn.ModuleDict()  # str(adapter id) -> LoraExperts
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        ids = self.rows.ids
+        present = sorted({a for a in ids if str(a) in self.adapters}) if ids is not None else []
+        if not present:
+            return self.base(x, indices, gates)
+        B = len(ids)
+        assert x.shape[0] % B == 0, f"{x.shape[0]} tokens for a batch of {B} rows"
+        per_token = torch.tensor(ids, device=x.device).repeat_interleave(x.shape[0] // B)  # [N]
+        out = torch.empty_like(x)
+        base_rows = torch.ones_like(per_token, dtype=torch.bool)
+        for a in present:
+            rows = per_token == a
+            base_rows &= ~rows
+            idx = rows.nonzero().squeeze(1)
+            out.index_copy_(0, idx, self.adapters[str(a)](x[idx], indices[idx], gates[idx]))
+        if base_rows.any():
+            idx = base_rows.nonzero().squeeze(1)
+            out.index_copy_(0, idx, self.base(x[idx], indices[idx], gates[idx]))
+        return out
+
+
 def _adapter_dir(path: Path) -> Path:
     if (path / "adapter_config.json").is_file():
         return path
@@ -116,14 +153,25 @@ def attach_adapters(model: nn.Module, adapters: list[tuple[str, str | Path]]) ->
     rows = RowAdapters(names)
     for i, (name, path) in enumerate(adapters, start=1):
         scratch = copy.deepcopy(model)
+        for mod_name, mod in list(scratch.named_modules()):  # an earlier adapter's experts: back to the base's
+            if isinstance(mod, MultiLoraExperts):
+                parent_name, _, attr = mod_name.rpartition(".")
+                setattr(scratch.get_submodule(parent_name), attr, mod.base)
         load_adapter(scratch, _adapter_dir(Path(path)))
         for mod_name, m in lora_modules(scratch):
-            if isinstance(m, LoraExperts) or mod_name.startswith("model.mtp"):
-                raise CheckpointError(f"adapter {name!r} ({path}) adapts {mod_name}: adapters on routed experts "
-                                      "or the MTP module are not served by name yet (merge it: frugallm merge)")
+            if mod_name.startswith("model.mtp"):
+                raise CheckpointError(f"adapter {name!r} ({path}) adapts {mod_name}: adapters on the MTP module "
+                                      "are not served by name yet (merge it: frugallm merge)")
             target = model.get_submodule(mod_name)
+            parent_name, _, attr = mod_name.rpartition(".")
+            if isinstance(m, LoraExperts):
+                if not isinstance(target, MultiLoraExperts):
+                    target = MultiLoraExperts(target, rows)
+                    setattr(model.get_submodule(parent_name), attr, target)
+                m.base = target.base  # its factors over the served model's experts, not the scratch copy's
+                target.adapters[str(i)] = m.eval()
+                continue
             if not isinstance(target, MultiLoraLinear):
-                parent_name, _, attr = mod_name.rpartition(".")
                 target = MultiLoraLinear(target, rows)
                 setattr(model.get_submodule(parent_name), attr, target)
             target.factors[i] = (m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(), m.scaling)
