@@ -54,8 +54,12 @@ def test_mixed_adapter_batches_equal_each_adapters_model(tmp_path, decode_attent
     rows = attach_adapters(served, [("one", tmp_path / "one"), ("two", tmp_path / "two")])
     assert rows.names == ["one", "two"]
     assert isinstance(served.model.layers[0].self_attn.kv_b_proj, MultiLoraLinear)
-    eng = Engine(served, None, EngineConfig(block_size=8, cache_memory=1 << 20, decode_attention=decode_attention))
-    assert not eng.spec  # the MTP module has no adapter
+    # drafting on (absorbed) and off (expanded): the base's MTP module drafts for adapted rows, and
+    # verification keeps each row's output its adapter's
+    spec = decode_attention == "absorbed"
+    eng = Engine(served, None, EngineConfig(block_size=8, cache_memory=1 << 20, decode_attention=decode_attention,
+                                            speculative=spec))
+    assert eng.spec == spec
     prompt = torch.randint(0, 96, (19,), generator=torch.Generator().manual_seed(0)).tolist()
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
     outs = eng.generate([prompt, prompt, prompt, prompt[:11]], p, adapters=[1, 2, 0, 1])
@@ -69,6 +73,8 @@ def test_mixed_adapter_batches_equal_each_adapters_model(tmp_path, decode_attent
     # the same prompt under another adapter is no prefix-cache hit; under the same one it is
     (again2,) = eng.generate([prompt], p, adapters=[2])
     assert again2.usage.prompt_cache_hit_tokens == 16 and again2.token_ids == refs[1]
+    if spec:
+        assert eng.counters["draft_tokens"] > 0
     eng2 = Engine(served, None, EngineConfig(block_size=8, cache_memory=1 << 20))
     eng2.generate([prompt], p, adapters=[1])
     (other,) = eng2.generate([prompt], p, adapters=[2])

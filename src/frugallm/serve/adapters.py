@@ -17,8 +17,9 @@ adapted projections), so they are not a delta added to the base's output: ``Mult
 adapter's tokens through that adapter's ``tune.lora.LoraExperts`` over the shared base experts, and the base's
 tokens through the base, each group in one call.
 
-Not served this way (yet): adapters on the MTP module (speculative decoding is off when adapters are
-attached); such an adapter is refused with the reason.
+Not served this way (yet): adapters on the MTP module; such an adapter is refused with the reason. The MTP
+module drafts for every row from the base's weights (``Engine``: drafts are proposals, verification keeps
+each row's output its adapter's).
 """
 
 from __future__ import annotations

@@ -196,8 +196,10 @@ class Engine:
         mcfg = model.config
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
         self.adapters = getattr(model, "row_adapters", None)  # serve.adapters, when attached
-        # the MTP module carries no adapter: drafts for adapted rows would come from the base
-        self.spec = cfg.speculative and len(model.model.mtp) > 0 and self.adapters is None
+        # the MTP module carries no adapter: an adapted row's drafts come from the base's MTP module over the
+        # adapted model's hidden states. They are proposals only (verification keeps each row's output its
+        # adapter's), and a row whose drafts stop paying pauses drafting like any other
+        self.spec = cfg.speculative and len(model.model.mtp) > 0
         param = next(model.parameters())
         dtype = cfg.cache_dtype or param.dtype
         self.layout = CacheLayout(n_layers=mcfg.num_hidden_layers + int(self.spec), width=entry_width(mcfg),
@@ -564,7 +566,7 @@ class Engine:
             N = len(s.tokens)
             self._ensure_slots(s, N + 2)
             toks = [s.tokens[-1]] if s.draft is None else [s.tokens[-1], s.draft]
-            rows.append(Row(s.table, N - 1, len(toks), N - 1))
+            rows.append(Row(s.table, N - 1, len(toks), N - 1, s.adapter))
             ids.append(toks + [0] * (2 - len(toks)))  # padding: neither written nor read back
         width = max(r.n for r in rows)
         tokens = torch.tensor([t[:width] for t in ids], device=self.device)  # [B, 1 or 2]
