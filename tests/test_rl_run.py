@@ -15,7 +15,7 @@ from frugallm.errors import ConfigError
 from frugallm.model import build_model
 from frugallm.model.hf import save_pretrained
 from frugallm.rl.grpo import token_logprobs
-from frugallm.rl.rollout import policy_batch, sample_groups
+from frugallm.rl.rollout import policy_batch, rollout_engine, sample_groups
 from frugallm.rl.trainer import GRPOTrainer, RLConfig
 from frugallm.serve.engine import Engine, EngineConfig
 from frugallm.train.config import TrainConfig
@@ -223,3 +223,31 @@ def test_one_update_moves_probability_toward_the_better_samples(base, user_task,
     assert float(gained.abs().max()) > 1e-4  # the step moved the policy measurably
     assert float((adv * gained).sum()) > 0
     assert float(gained[adv > 0].mean()) > float(gained[adv < 0].mean())
+
+
+def test_rollouts_and_logprobs_over_a_frozen_fp8_base(tmp_path):
+    """LoRA over the published FP8 layout kept in e4m3 (what `frugallm rl --from` an FP8 checkpoint trains):
+    the rollout engine samples from the frozen-FP8 model and its log-probabilities equal the trainer's
+    recomputation on the same modules, as over a float base."""
+    from frugallm.model.hf import from_pretrained
+    from frugallm.precision.frozen import FrozenFp8Linear
+
+    save_pretrained(build_model(MICRO, seed=5), tmp_path / "fp8", fp8_blocks=True)
+    model = from_pretrained(tmp_path / "fp8", fp8="keep")
+    apply_lora(model, LoraConfig(rank=4, alpha=8.0))
+    assert any(isinstance(m, FrozenFp8Linear) for m in model.modules())
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.05)
+    engine = rollout_engine(model, None, sequences=8, longest=32)
+    assert engine.config.decode_attention == "expanded"  # kv_b_proj's own FP8 GEMM, as the trainer's
+    ro = sample_groups(engine, [[5, 9, 17, 3, 44, 2, 8, 11, 60, 7], [12, 13, 14]], 4, max_new_tokens=8,
+                       temperature=1.0, seed=2)
+    batch = policy_batch(ro, list(range(len(ro.group))))
+    with torch.no_grad():
+        logp = token_logprobs(model(batch.input_ids)[:, :-1], batch.targets)
+    m = batch.mask.bool()
+    assert int(m.sum()) == ro.completion_tokens > 0
+    assert float((logp[m] - batch.old_logprobs[m]).abs().max()) < 1e-4

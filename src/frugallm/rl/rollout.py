@@ -46,7 +46,18 @@ def rollout_engine(model: torch.nn.Module, codec: object, *, sequences: int, lon
     per_token = cache_bytes_per_token(model.config, next(model.parameters()).dtype)
     cache = int(per_token * longest * (sequences + 8) * 1.5)
     return Engine(model, codec, EngineConfig(block_size=8, cache_memory=max(cache, 8 * 2**20), max_batch=sequences,
-                                             max_queue=max(2 * sequences, 64), speculative=False))
+                                             max_queue=max(2 * sequences, 64), speculative=False,
+                                             decode_attention=_decode_attention(model)))
+
+
+def _decode_attention(model: torch.nn.Module) -> str:
+    """The expanded decode over a frozen e4m3 base (LoRA over published FP8 weights): it runs kv_b_proj's own
+    FP8 GEMM, as the trainer's forward does, so pi_old equals the trainer's log pi; the absorbed decode would
+    multiply by the dequantized weight without quantizing the activation (about 3e-4 apart in log-probability
+    on the test's micro model). Otherwise the absorbed one."""
+    from frugallm.precision.frozen import FrozenFp8Linear
+
+    return "expanded" if any(isinstance(m, FrozenFp8Linear) for m in model.modules()) else "absorbed"
 
 
 def sample_groups(engine: Engine, prompts: list[list[int]], group_size: int, *, max_new_tokens: int,

@@ -72,6 +72,8 @@ class MultiLoraLinear(nn.Module):
         if a not in self._merged:
             A, B, s = self.factors[a]
             w = self.base.weight
+            if hasattr(self.base, "dequantize_weight"):  # frozen e4m3 (published FP8 weights): its real values
+                w = self.base.dequantize_weight()
             self._merged[a] = (w.float() + s * (B.float() @ A.float())).to(w.dtype)
         return self._merged[a]
 

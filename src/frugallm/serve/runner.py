@@ -159,6 +159,20 @@ class MLAAbsorbed:
 
     name = "absorbed"
 
+    def __init__(self) -> None:
+        self._frozen: dict[int, torch.Tensor] = {}  # id of a frozen e4m3 kv_b_proj -> its dequantized weight
+
+    def _kv_b_weights(self, attn: MLA, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK, W_UV as ``MLA.kv_b_weights``; a frozen e4m3 kv_b_proj (LoRA over published FP8 weights) is
+        dequantized once and kept, since a frozen weight never changes."""
+        kv_b = attn.kv_b_proj
+        if not hasattr(kv_b, "dequantize_weight"):
+            return attn.kv_b_weights()
+        if id(kv_b) not in self._frozen:
+            self._frozen[id(kv_b)] = kv_b.dequantize_weight(dtype).unflatten(0, (attn.n_heads, -1))  # [n_h, d_n+d_v, r]
+        w = self._frozen[id(kv_b)]
+        return w[:, : attn.d_nope], w[:, attn.d_nope :]
+
     def __call__(self, attn: MLA, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                  cache: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         q_nope, q_rope, rows = _query_and_cached_rows(attn, x, rope, cache, batch)
@@ -168,7 +182,7 @@ class MLAAbsorbed:
             w_uk, w_uv = w[:, :, : attn.d_nope], w[:, :, attn.d_nope :]  # [B, n_h, d_n, r], [B, n_h, d_v, r]
             q_lat = torch.einsum("bhsd,bhdr->bhsr", q_nope, w_uk)  # [B, n_h, S, r]
         else:
-            w_uk, w_uv = attn.kv_b_weights()  # [n_h, d_n, r], [n_h, d_v, r]
+            w_uk, w_uv = self._kv_b_weights(attn, x.dtype)  # [n_h, d_n, r], [n_h, d_v, r]
             q_lat = _per_head(q_nope, w_uk)  # [B, n_h, S, r]
         q = torch.cat([q_lat, q_rope], dim=-1)  # [B, n_h, S, W]
         B, h, S, W = q.shape
