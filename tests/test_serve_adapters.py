@@ -144,3 +144,31 @@ def test_server_serves_adapters_by_model_name(tmp_path) -> None:
             srv.client.completions.create(model="other", prompt="x", max_tokens=1)
     finally:
         srv.close()
+
+
+def test_attaching_adapters_holds_no_second_copy_of_the_base(tmp_path, monkeypatch) -> None:
+    """The scratch model an adapter is loaded onto shares every base tensor with the served model (no weight
+    is copied while it loads), and the served model's parameters keep their tensors and flags."""
+    import frugallm.tune.adapter as adapter_mod
+
+    base = build_model(ModelConfig(**SERVE_TINY), seed=4).eval()
+    lora_model(base, tmp_path, "one", 1, targets=DENSE + ("mlp.experts",))
+    lora_model(base, tmp_path, "two", 2)
+    served = copy.deepcopy(base)
+    served.model.layers[0].self_attn.o_proj.weight.requires_grad_(True)  # a flag apply_lora would clear
+    before = {n: (p.data_ptr(), p.requires_grad) for n, p in served.named_parameters()}
+    ptrs = {p.data_ptr() for p in served.parameters()}
+    seen: list[int] = []
+    real = adapter_mod.load_adapter
+
+    def spy(scratch, directory):
+        tensors = list(scratch.parameters())
+        seen.append(len(tensors))
+        assert tensors and all(t.data_ptr() in ptrs for t in tensors)
+        return real(scratch, directory)
+
+    monkeypatch.setattr(adapter_mod, "load_adapter", spy)
+    attach_adapters(served, [("one", tmp_path / "one"), ("two", tmp_path / "two")])
+    assert len(seen) == 2
+    after = {n.replace(".base.", "."): (p.data_ptr(), p.requires_grad) for n, p in served.named_parameters()}
+    assert all(after[n] == v for n, v in before.items())

@@ -25,6 +25,7 @@ each row's output its adapter's).
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import torch
@@ -145,17 +146,29 @@ def _adapter_dir(path: Path) -> Path:
 
 def attach_adapters(model: nn.Module, adapters: list[tuple[str, str | Path]]) -> RowAdapters:
     """Load each (name, path) and wrap the base ``model`` in place; returns the rows' context, also set as
-    ``model.row_adapters`` for the runner. Loading goes through ``tune.adapter.load_adapter`` on a temporary
-    copy of the model (the base weights are held twice while one adapter loads, once after)."""
-    from frugallm.tune.adapter import load_adapter
-    from frugallm.tune.lora import LoraExperts, lora_modules
-
+    ``model.row_adapters`` for the runner. Loading goes through ``tune.adapter.load_adapter`` on a scratch
+    copy of the model's modules whose tensors are the model's own (``_shallow_scratch``): the base weights are
+    never held twice, and the model's parameters come out as they went in."""
     names = [n for n, _ in adapters]
     if len(set(names)) != len(names):
         raise CheckpointError(f"adapter names must differ: {names}")
     rows = RowAdapters(names)
+    flags = [(p, p.requires_grad) for p in model.parameters()]  # apply_lora freezes the shared tensors
+    try:
+        _attach(model, adapters, rows)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    model.row_adapters = rows
+    return rows
+
+
+def _attach(model: nn.Module, adapters: list[tuple[str, str | Path]], rows: RowAdapters) -> None:
+    from frugallm.tune.adapter import load_adapter
+    from frugallm.tune.lora import LoraExperts, lora_modules
+
     for i, (name, path) in enumerate(adapters, start=1):
-        scratch = copy.deepcopy(model)
+        scratch = _shallow_scratch(model)
         for mod_name, mod in list(scratch.named_modules()):  # an earlier adapter's experts: back to the base's
             if isinstance(mod, MultiLoraExperts):
                 parent_name, _, attr = mod_name.rpartition(".")
@@ -179,5 +192,15 @@ def attach_adapters(model: nn.Module, adapters: list[tuple[str, str | Path]]) ->
                 setattr(model.get_submodule(parent_name), attr, target)
             target.factors[i] = (m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(), m.scaling)
         del scratch
-    model.row_adapters = rows
-    return rows
+
+
+def _shallow_scratch(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree sharing every tensor with it (parameters, buffers and tensors held
+    as plain attributes, such as cached fused weights), to apply an adapter to without touching the served
+    modules or copying a weight."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for t in itertools.chain(m._parameters.values(), m._buffers.values(), vars(m).values()):
+            if isinstance(t, torch.Tensor):
+                memo[id(t)] = t
+    return copy.deepcopy(model, memo)
