@@ -15,7 +15,14 @@ from frugallm.config import ModelConfig
 from frugallm.kernels import KernelPolicy
 from frugallm.model import build_model
 from frugallm.model.layers import project_together
-from frugallm.tune.lora import LoraConfig, LoraLinear, apply_lora, merge_lora, trainable_parameters
+from frugallm.tune.lora import (
+    LoraConfig,
+    LoraExperts,
+    LoraLinear,
+    apply_lora,
+    merge_lora,
+    trainable_parameters,
+)
 from frugallm.tune.lora_ops import expert_adapter, lora_linear
 
 BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
@@ -85,6 +92,7 @@ def _reference_experts(xs, a, b, sizes, scaling):  # type: ignore[no-untyped-def
 def _composite(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every LoRA module on the autograd path: no fast linear, no fusion, experts one GEMM pair each."""
     monkeypatch.setattr(LoraLinear, "_fast_weight", lambda self, x: None)
+    monkeypatch.setattr(LoraExperts, "_cpu_grouped", lambda self, rows: False)
     monkeypatch.setattr(lora_mod, "expert_adapter", _reference_experts)
 
 
@@ -136,9 +144,19 @@ def _count_fused(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_fast_model_step_equals_the_composite_one(case: str, monkeypatch: pytest.MonkeyPatch):
     model = _adapted(case)
     ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=_gen(1))
+    grouped: list[bool] = []
+    real_group = LoraExperts.group
+
+    def recording_group(self, xs, counts):  # type: ignore[no-untyped-def]
+        rows, groups = real_group(self, xs, counts)
+        grouped.append(groups.offs is not None)
+        return rows, groups
+
     with monkeypatch.context() as mp:
         calls = _count_fused(mp)
+        mp.setattr(LoraExperts, "group", recording_group)
         loss, grads = _loss_and_grads(model, ids)
+    assert grouped and all(grouped)  # float32 on the CPU: the experts' grouped GEMMs
     # per layer: q_a/q_proj + kv_a fused, gate + up fused (dense MLP or shared experts); the rest alone
     layers = BASE["num_hidden_layers"] + 1  # and the MTP block's, or none
     assert calls.count(2) >= 2 * BASE["num_hidden_layers"] and calls.count(2) <= 2 * layers

@@ -18,7 +18,9 @@ block diagonal, so one GEMM serves every adapter at n times its (tiny, r-wide) F
 which would waste n x N x R, are per block. A keeps the rank on rows ([r, K], PEFT's layout) so that x A^T
 and dh A read it contiguously.
 
-Routed experts (``expert_adapter``), each expert's rows of xs (contiguous, by ``ExpertGroups.sizes``):
+Routed experts (``expert_adapter``, where ``LoraExperts`` cannot use torch._grouped_mm: a rank or width
+whose float32 rows are not 16-byte aligned, padded bf16 rows), each expert's rows of xs (contiguous, by
+``ExpertGroups.sizes``):
     delta_e = s (xs_e A_e^T) B_e^T      A [E, r, K], B [E, N, r]                        [m_e, N]
 as batched GEMMs (``torch.bmm``) over the rows padded per expert to the largest count P: xs is scattered
 into [E, P, K] once, the two products and the four backward ones are one bmm each, where a loop over the
