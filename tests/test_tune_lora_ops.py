@@ -219,3 +219,18 @@ def test_fused_base_cache_follows_in_place_changes_and_merge_equals_unmerged(mon
     with torch.no_grad():
         merged = model.forward_train(ids).loss
     _close(merged, loss, 1e-5)
+
+
+def test_fused_base_weights_moving_between_steps_are_concatenated_per_step():
+    """A base whose storage moves (FSDP re-gathering it) is not kept: the next steps concatenate afresh."""
+    model = _adapted("q-latent")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, BASE["hidden_size"], generator=_gen(2))
+    project_together(x, mlp.gate_proj, mlp.up_proj)
+    assert isinstance(mlp.gate_proj.__dict__["_fused_base"], tuple)  # kept while the weights stay put
+    with torch.no_grad():
+        mlp.up_proj.base.weight = nn.Parameter(mlp.up_proj.base.weight * 2, requires_grad=False)  # moved
+    got = project_together(x, mlp.gate_proj, mlp.up_proj)
+    assert mlp.gate_proj.__dict__["_fused_base"] == "per-step"
+    want = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+    _close(got, want)

@@ -239,10 +239,11 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 segments: SegmentMask | None = None) -> torch.Tensor:
         # the first query projection and the KV compression both read x: one fused projection where the
-        # modules allow it (``project_together``), so the backward has one input gradient for both
+        # modules provide one (LoRA's, ``project_together``), so the backward has one input gradient for
+        # both; plain linears stay apart (the memory model counts no concatenated attention weights)
         first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
         q_in = kv_in = None
-        both = project_together(x, first, self.kv_a_proj_with_mqa)  # [B, S, N_q + r_kv + d_r] or None
+        both = project_together(x, first, self.kv_a_proj_with_mqa, plain=False)  # [B, S, N_q+r_kv+d_r] or None
         if both is not None:
             q_in, kv_in = both.split([first.out_features, self.kv_rank + self.d_rope], dim=-1)
         q_nope, q_rope = self.project_q(x, rope, q_in)

@@ -103,19 +103,21 @@ def fuse_linears(*linears: nn.Module) -> bool:
     return torch.is_grad_enabled() and all(type(m) in plain and m.weight.requires_grad for m in linears)
 
 
-def project_together(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
+def project_together(x: torch.Tensor, *linears: nn.Module, plain: bool = True) -> torch.Tensor | None:
     """x [*, K] through linears that all read it, as one output [*, N_1 + ... + N_n] (their outputs side by
     side), or None where they cannot run together and the caller runs each. Plain linears fuse where
     ``fuse_linears`` says. A wrapper class (LoRA's) fuses its own kind by defining a classmethod
     ``project_together(x, modules)`` with the same contract; the model finds it on the modules, so it
-    knows no wrapper. Linears of different classes never fuse."""
+    knows no wrapper. Linears of different classes never fuse. ``plain=False``: only wrappers fuse (a
+    plain trained pair would save a concatenated copy of its weights, which ``cost.memory`` counts for
+    gate/up only)."""
     kind = type(linears[0])
     if any(type(m) is not kind for m in linears):
         return None
     fused = getattr(kind, "project_together", None)
     if fused is not None:
         return fused(x, linears)
-    if fuse_linears(*linears):
+    if plain and fuse_linears(*linears):
         # one GEMM over the concatenated weights: its backward is one input-gradient GEMM, not n GEMMs and
         # their sum
         return linear(x, torch.cat([m.weight for m in linears]), None, linears[0].kernels)

@@ -193,15 +193,22 @@ class LoraLinear(nn.Module):
 
     def _concat_cache(self, weights: list[torch.Tensor]) -> torch.Tensor:
         """torch.cat(weights), kept from step to step while every weight is the same tensor unchanged
-        (same storage, no in-place update since: ``_version``); a merge, a load or a move rebuilds it.
-        Costs one copy of the fused base weights, where concatenating per step costs that copy's time."""
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape)) for w in weights)
-        cached = self.__dict__.get("_fused_base")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
+        (same storage, no in-place update since: ``_version``); an in-place change (a load) rebuilds it.
+        Keeping it costs one copy of the fused base weights, where concatenating per step costs that copy's
+        time. Weights whose storage moves between steps (FSDP gathering them per step, a move to another
+        device) are concatenated per step from then on: a kept copy would hold a gathered layer's weights
+        for the whole step, on every layer."""
+        with torch.no_grad():
+            ptrs = tuple(w.data_ptr() for w in weights)
+            key = (ptrs, tuple((w._version, w.dtype, w.device, tuple(w.shape)) for w in weights))
+            cached = self.__dict__.get("_fused_base")
+            if cached == "per-step" or (cached is not None and cached[0][0] != ptrs):
+                self.__dict__["_fused_base"] = "per-step"
+                return torch.cat(weights)
+            if cached is None or cached[0] != key:
                 cached = (key, torch.cat(weights))
-            self.__dict__["_fused_base"] = cached
-        return cached[1]
+                self.__dict__["_fused_base"] = cached
+            return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._fast_weight(x)
