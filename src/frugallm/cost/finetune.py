@@ -49,8 +49,10 @@ micro-batch:
   r elements at b per token and adapted linear (per routed pair for the experts, two per pair).
 - Step buffers, whatever the batch. Full: ``memory.step_buffer_bytes`` (the fused head's fp32 weight
   gradient V x H per head pass, the concatenated gate/up weights). LoRA: the head is frozen, so the fused
-  loss computes no weight gradient, and frozen gate/up linears are not fused (``fuse_linears`` needs
-  weights that require grad); but each adapter's factors are cast to the compute dtype for its GEMMs and
+  loss computes no weight gradient, and unadapted frozen gate/up linears are not fused (``fuse_linears``
+  needs weights that require grad; adapted ones over a plain base keep one concatenated copy of their
+  frozen weights on a single device, ``LoraLinear.project_together``, not counted here, and concatenate
+  per step where FSDP moves them); but each adapter's factors are cast to the compute dtype for its GEMMs and
   autograd keeps the casts for the input gradient, b bytes per adapter parameter when ``adapter_dtype`` is
   not bf16: the non-expert adapters whole (FSDP gathers them with their layer), the experts' 1/G (each GPU
   runs its own experts).

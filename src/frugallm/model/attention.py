@@ -44,7 +44,7 @@ from torch import nn
 from frugallm.config import ModelConfig
 from frugallm.kernels import KernelPolicy
 from frugallm.kernels.attention import SegmentMask, causal_attention
-from frugallm.model.layers import Linear, RMSNorm
+from frugallm.model.layers import Linear, RMSNorm, project_together
 
 
 # ----- rotary embedding ---------------------------------------------------------------------------------
@@ -193,21 +193,24 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = Linear(nh * cfg.v_head_dim, H, bias=False)
 
-    def project_q(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, H] -> q_nope [B, n_h, S, d_n], q_rope [B, n_h, S, d_r] (rotated)."""
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    def project_q(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                  q_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> q_nope [B, n_h, S, d_n], q_rope [B, n_h, S, d_r] (rotated). ``q_in``: the first
+        query projection of x (q_a_proj's latent, or q_proj's output) where ``forward`` computed it."""
+        first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+        q = first(x) if q_in is None else q_in
+        if hasattr(self, "q_a_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # [B, n_h, S, d_n+d_r]
         q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
         return q_nope, apply_rope(q_rope, *rope)
 
-    def compress_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, H] -> kv_latent [B, S, r_kv] (normalised), k_rope [B, S, d_r] (rotated): what a cache keeps."""
-        kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.d_rope], dim=-1)
+    def compress_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                    kv_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> kv_latent [B, S, r_kv] (normalised), k_rope [B, S, d_r] (rotated): what a cache keeps.
+        ``kv_in``: kv_a_proj_with_mqa(x) [B, S, r_kv + d_r] where ``forward`` computed it."""
+        kv = self.kv_a_proj_with_mqa(x) if kv_in is None else kv_in
+        kv_latent, k_rope = kv.split([self.kv_rank, self.d_rope], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(1), *rope).squeeze(1)  # [B, S, d_r]
         return self.kv_a_layernorm(kv_latent), k_rope
 
@@ -235,8 +238,16 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 segments: SegmentMask | None = None) -> torch.Tensor:
-        q_nope, q_rope = self.project_q(x, rope)
-        kv_latent, k_rope = self.compress_kv(x, rope)
+        # the first query projection and the KV compression both read x: one fused projection where the
+        # modules provide one (LoRA's, ``project_together``), so the backward has one input gradient for
+        # both; plain linears stay apart (the memory model counts no concatenated attention weights)
+        first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+        q_in = kv_in = None
+        both = project_together(x, first, self.kv_a_proj_with_mqa, plain=False)  # [B, S, N_q+r_kv+d_r] or None
+        if both is not None:
+            q_in, kv_in = both.split([first.out_features, self.kv_rank + self.d_rope], dim=-1)
+        q_nope, q_rope = self.project_q(x, rope, q_in)
+        kv_latent, k_rope = self.compress_kv(x, rope, kv_in)
         return self.o_proj(self.attend_expanded(q_nope, q_rope, kv_latent, k_rope, segments=segments))
 
 

@@ -103,6 +103,27 @@ def fuse_linears(*linears: nn.Module) -> bool:
     return torch.is_grad_enabled() and all(type(m) in plain and m.weight.requires_grad for m in linears)
 
 
+def project_together(x: torch.Tensor, *linears: nn.Module, plain: bool = True) -> torch.Tensor | None:
+    """x [*, K] through linears that all read it, as one output [*, N_1 + ... + N_n] (their outputs side by
+    side), or None where they cannot run together and the caller runs each. Plain linears fuse where
+    ``fuse_linears`` says. A wrapper class (LoRA's) fuses its own kind by defining a classmethod
+    ``project_together(x, modules)`` with the same contract; the model finds it on the modules, so it
+    knows no wrapper. Linears of different classes never fuse. ``plain=False``: only wrappers fuse (a
+    plain trained pair would save a concatenated copy of its weights, which ``cost.memory`` counts for
+    gate/up only)."""
+    kind = type(linears[0])
+    if any(type(m) is not kind for m in linears):
+        return None
+    fused = getattr(kind, "project_together", None)
+    if fused is not None:
+        return fused(x, linears)
+    if plain and fuse_linears(*linears):
+        # one GEMM over the concatenated weights: its backward is one input-gradient GEMM, not n GEMMs and
+        # their sum
+        return linear(x, torch.cat([m.weight for m in linears]), None, linears[0].kernels)
+    return None
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``. Used for dense layers and shared experts."""
 
@@ -114,8 +135,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj, self.up_proj
-        if fuse_linears(gate, up):
-            # one GEMM over the concatenated weights: its backward is one input-gradient GEMM, not two
-            # GEMMs and an add
-            return self.down_proj(swiglu(linear(x, torch.cat([gate.weight, up.weight]), None, gate.kernels)))
+        gate_up = project_together(x, gate, up)  # [*, 2I] or None
+        if gate_up is not None:
+            return self.down_proj(swiglu(gate_up))
         return self.down_proj(F.silu(gate(x)) * up(x))

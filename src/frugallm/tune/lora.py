@@ -8,13 +8,21 @@ A linear layer (``LoraLinear``; its base is our ``Linear``, an ``Fp8Linear`` or 
 e4m3 weight is a buffer) computes
     y = base(x) + s * (dropout(x) A^T) B^T           A [r, K], B [N, r]              [M, N]
 The routed experts (``LoraExperts``) get one adapter per expert and projection, on the experts' own row
-layout (``GroupedExperts.group``) and through their own grouped GEMM (``grouped_linear``: one
-``torch._grouped_mm`` for bf16 on CUDA, the base's per-expert GEMMs on the CPU), never a loop over modules:
+layout (``GroupedExperts.group``): one ``torch._grouped_mm`` per GEMM for bf16 on CUDA and, over a plain
+base, for float32 on the CPU (``grouped_linear``, base and adapter alike), else padded batched GEMMs over
+all experts (``lora_ops.expert_adapter``), never a loop over modules:
     gate_up: A [E, r, H], B [E, 2I, r]        h = base.project(xs) + s * (xs A_e^T) B_e^T    [rows, 2I]
     down:    A [E, r, I], B [E, H, r]         likewise on swiglu(h)                             [rows, H]
 gate_up is the fused [gate; up] projection, so one adapter covers both halves: B's first I rows update
 the gate rows of the expert's weight, the last I the up rows, from one shared A. This is exactly what PEFT
 computes on transformers 5's fused ``mlp.experts.gate_up_proj`` parameter (``frugallm.tune.adapter``).
+
+Training (grad enabled) over a plain frozen base without adapter dropout or autocast runs each adapted
+linear as one hand-written autograd node (``lora_ops.lora_linear``: no weight gradient for the base, dx
+accumulated in one pass), and projections that read the same input run as one over their concatenated
+base weights (MLA's first query projection with kv_a_proj_with_mqa, gate_proj with up_proj), through the
+model's ``layers.project_together``, which finds ``LoraLinear.project_together`` on the modules. Anything
+else (FP8 bases, dropout, autocast, serving) takes the composite path below, the same sums.
 
 Initialisation as PEFT's default: A uniform in +-1/sqrt(K) (``kaiming_uniform_(a=sqrt(5))``, nn.Linear's
 init, per expert for the stacked ones), B zero, so an adapted model computes what its base did until B moves.
@@ -66,6 +74,7 @@ from frugallm.kernels import KernelPolicy
 from frugallm.kernels.gemm import linear
 from frugallm.model.layers import Linear
 from frugallm.model.moe import ExpertGroups, GroupedExperts, grouped_linear
+from frugallm.tune.lora_ops import expert_adapter, lora_linear, plain_frozen_weight
 from frugallm.tune.targets import (
     DEFAULT_TARGETS,
     MTP_PREFIX,
@@ -160,7 +169,51 @@ class LoraLinear(nn.Module):
         self.kernels = getattr(base, "kernels", LoraLinear.kernels)
         _uniform_a(self.lora_A.weight, self.in_features, generator)
 
+    def _fast_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The frozen base weight [N, K] when this forward can be ``lora_ops.lora_linear`` (training with
+        grad, no adapter dropout, a plain frozen base in x's dtype, no autocast), else None."""
+        if not torch.is_grad_enabled() or (self.training and self.dropout) \
+                or torch.is_autocast_enabled(x.device.type) or type(x) is not torch.Tensor:
+            return None
+        w = plain_frozen_weight(self.base)
+        return w if w is not None and w.dtype == x.dtype and w.device == x.device else None
+
+    @classmethod
+    def project_together(cls, x: torch.Tensor, modules: tuple[nn.Module, ...]) -> torch.Tensor | None:
+        """``frugallm.model.layers.project_together`` for adapted linears that read the same x: one
+        ``lora_linear`` over their concatenated base weights (cached: the bases are frozen), [*, sum N];
+        None where any of them would not take the fast path alone."""
+        weights = [m._fast_weight(x) for m in modules]
+        if any(w is None for w in weights) or len({m.rank for m in modules}) != 1:
+            return None
+        first = modules[0]
+        w = first._concat_cache(weights)
+        return lora_linear(x, w, [(m.lora_A.weight, m.lora_B.weight) for m in modules],
+                           [m.scaling for m in modules], first.kernels)
+
+    def _concat_cache(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """torch.cat(weights), kept from step to step while every weight is the same tensor unchanged
+        (same storage, no in-place update since: ``_version``); an in-place change (a load) rebuilds it.
+        Keeping it costs one copy of the fused base weights, where concatenating per step costs that copy's
+        time. Weights whose storage moves between steps (FSDP gathering them per step, a move to another
+        device) are concatenated per step from then on: a kept copy would hold a gathered layer's weights
+        for the whole step, on every layer."""
+        with torch.no_grad():
+            ptrs = tuple(w.data_ptr() for w in weights)
+            key = (ptrs, tuple((w._version, w.dtype, w.device, tuple(w.shape)) for w in weights))
+            cached = self.__dict__.get("_fused_base")
+            if cached == "per-step" or (cached is not None and cached[0][0] != ptrs):
+                self.__dict__["_fused_base"] = "per-step"
+                return torch.cat(weights)
+            if cached is None or cached[0] != key:
+                cached = (key, torch.cat(weights))
+                self.__dict__["_fused_base"] = cached
+            return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._fast_weight(x)
+        if w is not None:
+            return lora_linear(x, w, [(self.lora_A.weight, self.lora_B.weight)], [self.scaling], self.kernels)
         y = self.base(x)  # [*, N] in the compute dtype
         dt = y.dtype
         h = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
@@ -252,7 +305,22 @@ class LoraExperts(GroupedExperts):
         return self.base.compute_dtype(xs)
 
     def group(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ExpertGroups]:
-        return self.base.group(xs, counts)
+        rows, groups = self.base.group(xs, counts)
+        if groups.offs is None and self._cpu_grouped(rows):
+            # float32 on the CPU: torch._grouped_mm runs every expert's GEMM in one call, base and adapter
+            # alike, where one GEMM per expert costs 2E calls and autograd nodes per projection forward
+            # (measured at the tiny preset: the adapter's forward + backward 2.0 ms against 3.0 ms as padded
+            # bmm and 4.5 ms as a loop; the frozen base's forward 3.3 against 3.8 ms)
+            groups = groups._replace(offs=counts.cumsum(0).to(torch.int32))
+        return rows, groups
+
+    def _cpu_grouped(self, rows: torch.Tensor) -> bool:
+        """Whether this step's experts can run as CPU grouped GEMMs: a plain base (FP8 bases have their own
+        GEMMs), unpadded float32 rows, and every row stride a multiple of 16 bytes, as torch._grouped_mm
+        wants (hidden, expert width and rank each a multiple of 4 floats)."""
+        return (type(self.base) is GroupedExperts and rows.device.type == "cpu" and rows.dtype == torch.float32
+                and rows.shape[0] > 0 and hasattr(torch, "_grouped_mm") and not torch.is_autocast_enabled("cpu")
+                and all(d % 4 == 0 for d in (self.hidden, self.intermediate, self.rank)))
 
     def project(self, xs: torch.Tensor, which: str, groups: ExpertGroups) -> torch.Tensor:
         """[rows, K] -> [rows, N]: the base's projection plus s * (xs A_e^T) B_e^T for each expert's rows
@@ -265,9 +333,10 @@ class LoraExperts(GroupedExperts):
             # r % 8 == 0; otherwise the adapter runs one GEMM per expert on the same (unpadded) rows
             groups = groups._replace(offs=None)
         h = F.dropout(xs, self.dropout, training=True) if self.training and self.dropout else xs
-        E, r, K = a.shape
-        if groups.offs is None and E * r <= min(K, b.shape[1]):
-            return y + _dense_expert_adapter(h.to(dt), a.to(dt), b.to(dt), groups, self.scaling)
+        if groups.offs is None:
+            # every expert's adapter in two padded batched GEMMs (``lora_ops.expert_adapter``), where one
+            # GEMM per expert costs 2E calls forward and 4E backward
+            return y + expert_adapter(h.to(dt), a, b, groups.sizes, self.scaling)
         h = grouped_linear(h.to(dt), a.to(dt), groups)  # [rows, r]
         return y + grouped_linear(h, (b * self.scaling).to(dt), groups)  # [rows, N]
 
@@ -303,25 +372,6 @@ LORA_MODULES = (LoraLinear, LoraExperts)
 
 
 # ----- applying, merging, counting ---------------------------------------------------------------------
-def _dense_expert_adapter(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: ExpertGroups,
-                          scaling: float) -> torch.Tensor:
-    """Every expert's adapter on its own rows as two dense GEMMs instead of 2E small ones: xs [rows, K] times
-    all E down-projections at once, A [E*r, K] -> [rows, E*r]; each row keeps only its own expert's r columns
-    (the rest multiplied by an exact zero), and the kept columns times all up-projections B [E*r, N] give
-    s * (xs A_e^T) B_e^T for each row's expert e. The same sums (a row's other experts add exact zeros), at
-    E times the adapter's FLOPs, which ``LoraExperts.project`` allows only while E*r is within the base's own
-    dims (so the adapter never costs more than the base projection): on the CPU, where each of the 2E small
-    GEMMs would cost its call overhead and its backward two more."""
-    E, r, K = a.shape
-    rows = xs.shape[0]
-    sizes = torch.tensor(groups.sizes, device=xs.device)
-    owner = torch.repeat_interleave(torch.arange(E, device=xs.device), sizes, output_size=rows)  # [rows]
-    keep = F.one_hot(owner, E).to(xs.dtype).unsqueeze(-1)  # [rows, E, 1]
-    h = (xs @ a.reshape(E * r, K).t()).view(rows, E, r) * keep  # [rows, E, r]
-    b_all = b.permute(0, 2, 1).reshape(E * r, b.shape[1]) * scaling  # [E*r, N]
-    return torch.mm(h.view(rows, E * r), b_all)  # [rows, N]
-
-
 @dataclass(frozen=True)
 class LoraReport:
     wrapped: tuple[str, ...]  # module names, in model order
