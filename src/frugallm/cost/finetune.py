@@ -50,9 +50,9 @@ micro-batch:
 - Step buffers, whatever the batch. Full: ``memory.step_buffer_bytes`` (the fused head's fp32 weight
   gradient V x H per head pass, the concatenated gate/up weights). LoRA: the head is frozen, so the fused
   loss computes no weight gradient, and unadapted frozen gate/up linears are not fused (``fuse_linears``
-  needs weights that require grad; adapted ones over a plain base keep one concatenated copy of their
-  frozen weights on a single device, ``LoraLinear.project_together``, not counted here, and concatenate
-  per step where FSDP moves them); but each adapter's factors are cast to the compute dtype for its GEMMs and
+  needs weights that require grad; adapted ones over a plain base are concatenated per step on a GPU, a
+  transient copy of one layer's fused weights, and kept only on the CPU, ``LoraLinear.project_together``);
+  but each adapter's factors are cast to the compute dtype for its GEMMs and
   autograd keeps the casts for the input gradient, b bytes per adapter parameter when ``adapter_dtype`` is
   not bf16: the non-expert adapters whole (FSDP gathers them with their layer), the experts' 1/G (each GPU
   runs its own experts).

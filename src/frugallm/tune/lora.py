@@ -197,8 +197,12 @@ class LoraLinear(nn.Module):
         Keeping it costs one copy of the fused base weights, where concatenating per step costs that copy's
         time. Weights whose storage moves between steps (FSDP gathering them per step, a move to another
         device) are concatenated per step from then on: a kept copy would hold a gathered layer's weights
-        for the whole step, on every layer."""
+        for the whole step, on every layer. On an accelerator nothing is kept either: there the copy is one
+        fast device kernel beside the step, and memory is what limits the model (a kept copy of DeepSeek-V3's
+        fused q_a/kv_a and gate/up weights would be about 7 GB in bf16)."""
         with torch.no_grad():
+            if weights[0].device.type != "cpu":
+                return torch.cat(weights)
             ptrs = tuple(w.data_ptr() for w in weights)
             key = (ptrs, tuple((w._version, w.dtype, w.device, tuple(w.shape)) for w in weights))
             cached = self.__dict__.get("_fused_base")
