@@ -17,7 +17,7 @@ from frugallm.lab import stats
 from frugallm.lab.claims import select
 from frugallm.lab.cli import parse_duration
 from frugallm.lab.report import build_report, write_report
-from frugallm.lab.runner import LabPlan, make_plan, needed_arms, run_dir, run_lab
+from frugallm.lab.runner import LabPlan, make_plan, measure_serving, needed_arms, run_dir, run_lab
 from shapes import MICRO
 
 # a few steps per arm, float32 so that resumed and uninterrupted runs agree exactly
@@ -59,6 +59,7 @@ def test_miniature_lab_report_comes_from_its_runs_and_resumes_to_the_same_figure
     plan = _plan(claims)
     full = tmp_path / "full"
     run_lab(plan, full, base=MICRO, data=[str(corpus_dir)], train_overrides=_TRAIN)
+    measure_serving(plan, full, claims, context=48, new_tokens=8)
     report = build_report(full, plan, claims, base=MICRO)
     write_report(full, report)
     assert (full / "report.md").read_text().startswith("# frugallm lab report")
@@ -75,6 +76,11 @@ def test_miniature_lab_report_comes_from_its_runs_and_resumes_to_the_same_figure
         assert claim["verdicts"] and all(v["verdict"] in (stats.HELD, stats.NOT_HELD, stats.NO_DIFFERENCE,
                                                           stats.NOT_MEASURABLE) for v in claim["verdicts"])
     assert "load_max_over_mean" in saved["claims"]["mtp"]["arms"]["mtp-off"]
+    base_serve = saved["claims"]["mtp"]["arms"]["base"]
+    assert 0 <= base_serve["acceptance_rate"] <= 1 and base_serve["speculative_speedup"] > 0
+    assert base_serve["decode_tokens_per_s"] == json.loads((run_dir(full, "base", 0) / "serve.json").read_text()
+                                                           )["decode_tokens_per_s"]
+    assert "speculative_speedup" not in saved["claims"]["mtp"]["arms"]["mtp-off"]
 
     # the same lab stopped after its first two runs (copied from the full lab: the same runs), then started
     # again: the finished arms are skipped, the others trained, and the figures are the uninterrupted ones

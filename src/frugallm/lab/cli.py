@@ -34,7 +34,7 @@ def run_lab_command(args: argparse.Namespace) -> int:
 
     from frugallm.lab.claims import ARMS, arm_costs, base_model, select
     from frugallm.lab.report import build_report, write_report
-    from frugallm.lab.runner import make_plan, run_lab
+    from frugallm.lab.runner import make_plan, measure_serving, run_lab
 
     console = Console()
     chosen = select(args.claims)
@@ -57,6 +57,7 @@ def run_lab_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     console.print(f"lab: {len(plan.arms)} arms x {seeds} seeds, {plan.tokens:,} tokens each, into {out}")
     run_lab(plan, out, data=list(args.data) if args.data else None, progress=console.print)
+    measure_serving(plan, out, chosen, progress=console.print)
     write_report(out, build_report(out, plan, chosen))
     console.print(f"report: {out / 'report.md'}, {out / 'report.json'}")
     return 0

@@ -48,6 +48,11 @@ def arm_figures(path: Path, flops_per_token: float) -> dict[str, Any]:
                            "curve_flops": [(r["tokens"] * flops_per_token, r["loss"]) for r in train],
                            "curve_seconds": [(r["elapsed_s"], r["loss"]) for r in train]}
     last = train[-1] if train else {}
+    serve = path / "serve.json"  # lab.serving's decode figures, seed 0 of the arms that serve
+    if serve.is_file():
+        fig.update({k: v for k, v in json.loads(serve.read_text(encoding="utf-8")).items()
+                    if k in ("decode_tokens_per_s", "speculative_tokens_per_s", "acceptance_rate",
+                             "speculative_speedup", "context")})
     if "load_max_over_mean" in last:
         fig["load_max_over_mean"] = sum(last["load_max_over_mean"]) / len(last["load_max_over_mean"])
         fig["dead_experts"] = sum(last["dead_experts"]) / len(last["dead_experts"])
@@ -83,6 +88,10 @@ def build_report(out: Path, plan: LabPlan, claims: list[Claim], base: ModelConfi
             entry["train_flops_per_token"] = costs[a]["train_flops_per_token"]
             entry["params_total"], entry["params_active"] = costs[a]["params_total"], costs[a]["params_active"]
             entry["seeds"] = len(rows)
+            for k in ("decode_tokens_per_s", "speculative_tokens_per_s", "acceptance_rate", "speculative_speedup",
+                      "context"):
+                if k in rows[0]:  # measured on seed 0 only: a figure of one run, no spread
+                    entry[k] = rows[0][k]
             if claim.name == "mla-vs-mha":
                 from frugallm.cost.memory import kv_cache_bytes_per_token
 
@@ -135,6 +144,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                              f" | {_fmt(e.get('wall_s'))} | {e['train_flops_per_token']:.3e} | "
                              f"{_fmt(e.get('load_max_over_mean'))} | {_fmt(e.get('dead_experts'))} | "
                              f"{e.get('kv_bytes_per_token_bf16', '')} |")
+            lines.append("")
+            for a, e in c["arms"].items():
+                if "decode_tokens_per_s" in e:
+                    lines.append(f"- {a}: {e['decode_tokens_per_s']:.1f} decode tokens/s after a {e['context']}-token "
+                                 "context (serving engine, greedy, one stream, seed 0)"
+                                 + (f"; MTP drafting {e['speculative_tokens_per_s']:.1f} tokens/s "
+                                    f"(x{e['speculative_speedup']:.2f}), acceptance {e['acceptance_rate']:.0%}"
+                                    if "speculative_speedup" in e else ""))
             lines.append("")
         for v in c["verdicts"]:
             lines.append(f"- {v['arm']} vs {v['against']}, {v['figure']}: **{v['verdict']}** ({v['why']})")

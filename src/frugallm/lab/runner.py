@@ -1,4 +1,4 @@
-"""Running a lab: every (arm, seed) a normal run directory under ``DIR/arms/ARM/seedN`` trained by the one
+"""Running a lab: every (arm, seed) a normal run directory ``DIR/arms/ARM-seedN`` trained by the one
 training loop (``frugallm.train.loop.Trainer``), all on the same data, tokenizer, held-out split and token
 horizon. A finished arm (its ``cost.json`` written) is skipped; an interrupted one resumes from its newest
 checkpoint, so a lab started again finishes what is left and reproduces the uninterrupted figures.
@@ -62,7 +62,8 @@ def make_plan(claims: list[Claim], *, seeds: int, budget_s: float, base: ModelCo
 
 
 def run_dir(out: Path, arm: str, seed: int) -> Path:
-    return out / "arms" / arm / f"seed{seed}"
+    """Siblings under ``DIR/arms``, so that they share the training loop's token cache (``arms/.cache``)."""
+    return out / "arms" / f"{arm}-seed{seed}"
 
 
 def is_finished(path: Path) -> bool:
@@ -118,3 +119,26 @@ def run_lab(plan: LabPlan, out: Path, *, base: ModelConfig | None = None, data: 
             tokenizer = str(path / "tokenizer.json")
     return dirs
 
+
+
+SERVED = {"mla-vs-mha": False, "mtp": True}  # claims measured through the engine: with speculative decoding
+
+
+def measure_serving(plan: LabPlan, out: Path, claims: list[Claim], *, context: int = 512, new_tokens: int = 32,
+                    progress: Callable[[str], None] | None = None) -> None:
+    """Decode figures (``lab.serving``) of seed 0 of every arm of the claims that serve; cached per arm."""
+    from frugallm.lab.serving import held_out_prompt, measure
+
+    prompt: list[int] | None = None
+    for claim in claims:
+        if claim.name not in SERVED:
+            continue
+        for arm in claim.arms:
+            path = run_dir(out, arm, 0)
+            if not is_finished(path):
+                continue
+            if prompt is None:
+                prompt = held_out_prompt(path, context)
+            if progress:
+                progress(f"decoding with {arm} ({len(prompt)}-token context) through the serving engine")
+            measure(path, prompt, new_tokens=new_tokens, speculative=SERVED[claim.name])
