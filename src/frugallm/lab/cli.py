@@ -55,12 +55,27 @@ def run_lab_command(args: argparse.Namespace) -> int:
                           "(benchmarks/curation_ablation.py measures it)")
     plan = make_plan(chosen, seeds=seeds, budget_s=budget)
     out = Path(args.out)
+    _check_same_plan(out, plan)
     console.print(f"lab: {len(plan.arms)} arms x {seeds} seeds, {plan.tokens:,} tokens each, into {out}")
     run_lab(plan, out, data=list(args.data) if args.data else None, progress=console.print)
     measure_serving(plan, out, chosen, progress=console.print)
     write_report(out, build_report(out, plan, chosen))
     console.print(f"report: {out / 'report.md'}, {out / 'report.json'}")
     return 0
+
+
+def _check_same_plan(out: Path, plan: object) -> None:
+    """A lab started again must be the same lab: its finished arms were trained to the old horizon."""
+    import json
+
+    saved = out / "plan.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text(encoding="utf-8"))
+        new = json.loads(json.dumps(plan.__dict__))
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff:
+            raise ConfigError(f"{out} holds a lab with another plan ({', '.join(diff)} differ); rerun it with "
+                              f"the same claims, --budget and --seeds, or choose another --out")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
