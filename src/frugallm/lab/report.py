@@ -74,8 +74,9 @@ def build_report(out: Path, plan: LabPlan, claims: list[Claim], base: ModelConfi
             report["claims"][claim.name] = {"published": claim.published, "verdicts": [],
                                             "verdict": stats.NOT_MEASURABLE, "why": "an arm has no finished run"}
             continue
-        common_flops = min(f["flops"] for a in claim.arms for f in figs[a])
-        common_s = min(f["wall_s"] for a in claim.arms for f in figs[a])
+        # the last point every arm's logged curve reaches (the final step may fall between log records)
+        common_flops = min(f["curve_flops"][-1][0] for a in claim.arms for f in figs[a])
+        common_s = min(f["curve_seconds"][-1][0] for a in claim.arms for f in figs[a])
         arms: dict[str, Any] = {}
         for a in claim.arms:
             rows = figs[a]

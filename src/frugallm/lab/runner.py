@@ -46,10 +46,11 @@ def needed_arms(claims: list[Claim]) -> tuple[str, ...]:
 
 
 def make_plan(claims: list[Claim], *, seeds: int, budget_s: float, base: ModelConfig | None = None,
-              seq_len: int = 256, batch_size: int = 16, rate_flops: float = 5e10, overhead_s: float = 15.0) -> LabPlan:
+              seq_len: int = 256, batch_size: int = 16, rate_flops: float = 2e11, overhead_s: float = 15.0) -> LabPlan:
     """Tokens per arm so that all runs fit ``budget_s`` at ``rate_flops`` achieved, ``overhead_s`` per run for
-    start-up and the final evaluation. The default rate is what ``tiny`` achieved in bf16 on the 2-core AMD
-    EPYC (about 1.1k tokens/s at 45 MFLOP per token, 2026-12-04), an assumption elsewhere, not a probe."""
+    start-up and the final evaluation. The default rate is about what the mtp-off arm of ``tiny`` achieved in
+    bf16 on the idle 2-core AMD EPYC (6.6k tokens/s at 28 MFLOP per token = 0.19 TFLOP/s, 2026-12-04); with
+    another process on the cores it fell to 0.03. An assumption, not a probe of this machine."""
     arms = needed_arms(claims)
     costs = arm_costs(base or base_model(), seq_len)
     flops_per_token = sum(costs[a]["train_flops_per_token"] for a in arms) * seeds
