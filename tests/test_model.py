@@ -85,9 +85,9 @@ def test_forward_train_shapes_and_losses() -> None:
     assert model.model.layers[1].mlp.gate.weight.grad is not None
 
 
-def _skewed_moe() -> tuple[MoE, torch.Tensor]:
+def _skewed_moe(**changes) -> tuple[MoE, torch.Tensor]:
     cfg = ModelConfig(**{**SMALL, "n_routed_experts": 16, "num_experts_per_tok": 2, "n_group": 4,
-                         "topk_group": 2})
+                         "topk_group": 2, **changes})
     moe = build_model(cfg).model.layers[1].mlp
     with torch.no_grad():
         moe.gate.weight.normal_(0, 0.02)
@@ -369,3 +369,75 @@ def test_rmsnorm_without_backward_equals_the_autograd_function(dtype) -> None:
     assert fast.dtype == with_grad.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert torch.allclose(fast.float(), with_grad.detach().float(), atol=tol, rtol=tol)
+
+
+# ----- the classic batch-wise auxiliary balance loss (``MoE.batch_balance_loss``) ------------------------
+def _aux_loss_of(moe: MoE, weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    route = torch.func.functional_call(moe.gate, {"weight": weight}, (flat,))
+    return moe.batch_balance_loss(route, moe.load(route.indices))
+
+
+def test_aux_loss_values_uniform_one_and_switch_for_top1() -> None:
+    """1 at a perfectly uniform load, and for k = 1 Switch Transformer's E * sum_i frac_i * P_i."""
+    cfg = ModelConfig(**{**SMALL, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 1})
+    moe = build_model(cfg, dtype=torch.float64, seed=0).model.layers[1].mlp
+    flat = torch.randn(64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    route = moe.gate(flat)
+    load = moe.load(route.indices)
+    probs = route.scores / route.scores.sum(-1, keepdim=True)
+    switch = 8 * ((load.float() / 64) * probs.mean(0)).sum()  # the router scores in float32
+    torch.testing.assert_close(moe.batch_balance_loss(route, load), switch)
+    uniform = route._replace(scores=torch.ones_like(route.scores))
+    torch.testing.assert_close(moe.batch_balance_loss(uniform, torch.full((8,), 8)), torch.tensor(1.0))
+    # counted tokens only: the loss of half the batch is the loss of that half alone
+    keep = torch.arange(64) < 32
+    half = moe.gate(flat[:32])
+    torch.testing.assert_close(moe.batch_balance_loss(route, moe.load(route.indices, keep), keep),
+                               moe.batch_balance_loss(half, moe.load(half.indices)))
+
+
+def test_aux_loss_gradient_matches_finite_differences() -> None:
+    """The router's gradient of the auxiliary loss against central differences along random directions, at a
+    fixed routing (top-k is piecewise constant: the gradient flows through P only). The router scores in
+    float32 whatever the model's dtype, so the differences are taken in float32 with a wide step."""
+    cfg = ModelConfig(**{**SMALL, "hidden_size": 8, "n_routed_experts": 4, "n_group": 2, "topk_group": 1,
+                         "num_experts_per_tok": 2, "num_attention_heads": 1})
+    moe = build_model(cfg, seed=0).model.layers[1].mlp
+    gen = torch.Generator().manual_seed(2)
+    flat = torch.randn(12, 8, generator=gen)
+    w = moe.gate.weight.detach().clone().requires_grad_(True)
+    g, = torch.autograd.grad(_aux_loss_of(moe, w, flat), w)
+    assert g.abs().sum() > 0
+    eps = 1e-3
+    for _ in range(4):
+        v = torch.randn(w.shape, generator=gen)
+        v /= v.norm()
+        plus, minus = w.detach() + eps * v, w.detach() - eps * v
+        routes = [torch.func.functional_call(moe.gate, {"weight": t}, (flat,)).indices for t in (plus, minus)]
+        assert torch.equal(routes[0].sort(-1).values, routes[1].sort(-1).values)  # the same selections
+        numeric = (_aux_loss_of(moe, plus, flat) - _aux_loss_of(moe, minus, flat)) / (2 * eps)
+        torch.testing.assert_close(numeric, (g * v).sum(), rtol=2e-2, atol=2e-4)
+
+
+def test_aux_loss_lowers_the_imbalance_of_a_skewed_router() -> None:
+    """Gradient steps on the auxiliary loss alone (bias frozen at zero) spread a router that sends most
+    tokens to three experts. Softmax scores, the loss's classic setting (Switch, GShard, DeepSeek-V2): with
+    V3's sigmoid scores the loss can also fall by shrinking P without moving the selections."""
+    moe, x = _skewed_moe(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1)
+    flat = x.reshape(-1, 32)
+
+    def imbalance() -> float:
+        load = moe.load(moe.gate(flat).indices).float()
+        return (load.max() / load.mean()).item()
+
+    before = imbalance()
+    opt = torch.optim.Adam([moe.gate.weight], lr=3e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = _aux_loss_of(moe, moe.gate.weight, flat)
+        loss.backward()
+        opt.step()
+    after = imbalance()
+    assert moe.gate.e_score_correction_bias.abs().max() == 0
+    assert before > 2.5, before
+    assert after < 0.65 * before, (before, after)

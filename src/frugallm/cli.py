@@ -17,6 +17,7 @@ AREAS = [
     "frugallm.rl.cli",
     "frugallm.cost.cli",
     "frugallm.serve.cli",
+    "frugallm.lab.cli",
 ]
 
 

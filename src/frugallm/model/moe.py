@@ -29,6 +29,15 @@ Sequence-wise balance loss (eq. 17-20), per sequence of length S:
     f_i = E / (k*S) * #{t : i in idx_t},   P_i = mean_t s_{t,i} / sum_j s_{t,j},   L = sum_i f_i P_i
 returned unweighted (mean over the sequences); the training loop multiplies it by alpha.
 
+Batch-wise auxiliary balance loss, the classic alternative that ``frugallm lab balancing`` measures V3's
+bias against: DeepSeek-V2's expert-level balance loss (arXiv 2405.04434, eq. 12-14) over all N counted
+tokens of the batch at once,
+    f_i = E / (k*N) * #{t : i in idx_t},   P_i = mean_t s_{t,i} / sum_j s_{t,j},   L_aux = sum_i f_i P_i
+which is 1 when the load is uniform and for k = 1 is exactly Switch Transformer's E * sum_i f_i P_i
+(arXiv 2101.03961, eq. 4, f_i there the fraction of tokens). Returned unweighted; the loop multiplies it by
+``TrainConfig.aux_loss_alpha`` (default 0: V3 trains without it). The gradient reaches the router through
+P only; f counts selections and carries none, as in both papers.
+
 Packed rows (``frugallm.tune.sft``) pass ``TokenGroups``: each example is a sequence of its own (S its
 length), padding (and, in an MTP block, the positions with nothing to predict) is in none, so that neither
 the balance loss nor ``MoEStats.load`` counts it and a packed example adds what it would alone. Routing and
@@ -59,6 +68,7 @@ class RouterOutput(NamedTuple):
 class MoEStats(NamedTuple):
     balance_loss: torch.Tensor  # scalar, unweighted sequence-wise balance loss
     load: torch.Tensor  # [E] tokens routed to each expert (detached)
+    aux_loss: torch.Tensor | None = None  # scalar, unweighted batch-wise auxiliary balance loss
 
 
 class TokenGroups(NamedTuple):
@@ -263,8 +273,12 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if groups is None:
-            return out, MoEStats(self.balance_loss(route, B, S), self.load(route.indices))
-        return out, MoEStats(self.grouped_balance_loss(route, groups), self.load(route.indices, groups.index >= 0))
+            load = self.load(route.indices)
+            return out, MoEStats(self.balance_loss(route, B, S), load, self.batch_balance_loss(route, load))
+        counted = groups.index >= 0  # [N]
+        load = self.load(route.indices, counted)
+        return out, MoEStats(self.grouped_balance_loss(route, groups), load,
+                             self.batch_balance_loss(route, load, counted))
 
     def load(self, indices: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens routed to each expert [E], of the tokens ``counted`` [N] only where given."""
@@ -295,6 +309,21 @@ class MoE(nn.Module):
         hits = torch.bincount(pairs, minlength=(G + 1) * E).view(G + 1, E)[:G]  # [G, E]
         f = hits.to(probs.dtype) * (E / self.top_k) / per  # [G, E]
         return (f * P).sum() / (n > 0).sum().clamp(min=1)
+
+    def batch_balance_loss(self, route: RouterOutput, load: torch.Tensor,
+                           counted: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch-wise auxiliary loss (module doc) over the tokens ``counted`` [N] (all when None), from
+        ``load`` [E], those tokens' selections per expert."""
+        probs = route.scores / route.scores.sum(-1, keepdim=True)  # [N, E]
+        if counted is None:
+            n = probs.new_tensor(float(probs.shape[0]))
+            P = probs.mean(0)  # [E]
+        else:
+            w = counted.to(probs.dtype)  # [N]
+            n = w.sum().clamp(min=1)
+            P = (w[:, None] * probs).sum(0) / n  # [E]
+        f = load.to(probs.dtype) * (self.n_experts / self.top_k) / n  # [E]
+        return (f * P).sum()
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, gamma: float) -> None:

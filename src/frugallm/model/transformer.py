@@ -45,6 +45,7 @@ class TrainOutput(NamedTuple):
     loads: torch.Tensor | None  # [n_moe_layers (+ MTP), E] tokens per expert, None without MoE
     trained_tokens: torch.Tensor | None = None  # int64 scalar: the labels ``loss`` reduces over
     mtp_trained_tokens: tuple[torch.Tensor, ...] = ()  # the same for each MTP depth
+    aux_loss: torch.Tensor | None = None  # unweighted batch-wise auxiliary balance loss, summed over MoE layers
 
 
 class Trunk(nn.Module):
@@ -174,9 +175,10 @@ class DeepseekV3LM(nn.Module):
         if stats:
             balance = torch.stack([s.balance_loss for s in stats]).sum()
             loads = torch.stack([s.load for s in stats])  # [n_moe, E]
+            aux = torch.stack([s.aux_loss for s in stats]).sum()
         else:
-            balance, loads = loss.new_zeros(()), None
-        return TrainOutput(loss, mtp_losses, balance, loads, trained, tuple(mtp_trained))
+            balance, loads, aux = loss.new_zeros(()), None, loss.new_zeros(())
+        return TrainOutput(loss, mtp_losses, balance, loads, trained, tuple(mtp_trained), aux)
 
     # ----- balancing ----------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:

@@ -33,6 +33,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--mtp-lambda", "mtp_lambda", float, "weight of the multi-token-prediction loss"),
     ("--balance-alpha", "balance_alpha", float, "weight of the sequence-wise balance loss"),
     ("--bias-gamma", "bias_gamma", float, "expert-bias update speed per step"),
+    ("--aux-loss-alpha", "aux_loss_alpha", float, "weight of the classic batch-wise auxiliary balance loss "
+     "(default 0, off; Switch Transformer used 1e-2)"),
     ("--price-per-hour", "price_per_hour", float, "device price in $ per device-hour"),
     ("--device", "device", str, "auto | cpu | cuda"),
     ("--threads", "threads", int, "CPU threads"),

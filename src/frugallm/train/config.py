@@ -42,6 +42,9 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     balance_alpha: float = 1e-4
     bias_gamma: float = 1e-3
+    # weight of the classic batch-wise auxiliary balance loss (frugallm.model.moe: DeepSeek-V2's expert-level
+    # loss, Switch Transformer's for k = 1, whose alpha is 1e-2); 0: off, as in V3, which balances by the bias
+    aux_loss_alpha: float = 0.0
     # numerics and memory
     # auto | fp32 | bf16 | fp8 (bf16 autocast around FP8 GEMMs). auto: bf16 on GPUs, and on CPUs whose
     # measured bf16 matmul rate beats fp32 (AVX512-BF16/AMX); fp32 on CPUs that only emulate bf16 (AVX2)
@@ -113,7 +116,7 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if not 0 <= self.decay_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("decay_fraction and min_lr_ratio must be in [0, 1]")
-        for name in ("mtp_lambda", "balance_alpha", "bias_gamma", "weight_decay", "grad_clip", "warmup_steps"):
+        for name in ("mtp_lambda", "balance_alpha", "bias_gamma", "aux_loss_alpha", "weight_decay", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.time_budget_s is None and self.max_steps is None and self.max_tokens is None:

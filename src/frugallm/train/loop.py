@@ -4,6 +4,7 @@ One optimizer step:
     for each of grad_accum micro-batches of [b, seq_len + 1 + D] tokens:
         out = model.forward_train(tokens)                      (bf16 autocast unless precision = fp32)
         L = out.loss + mtp_lambda * mean(out.mtp_losses) + balance_alpha * out.balance_loss
+            (+ aux_loss_alpha * out.aux_loss: the classic batch-wise balance loss, off by default)
         (L / grad_accum).backward();  loads += out.loads
     clip the gradient norm to grad_clip; AdamW step at the warmup-stable-decay learning rate
     model.update_expert_bias(loads, bias_gamma)               (auxiliary-loss-free balancing, no autograd)
@@ -240,14 +241,18 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         batch = loader.next_batch().to(self.device, non_blocking=True)  # [B/ws, window]
         loads = None
-        sums = torch.zeros(3, device=self.device)  # main, mtp, balance
+        sums = torch.zeros(4, device=self.device)  # main, mtp, balance, auxiliary
         for chunk in batch.split(self.micro):
             with autocast:
                 out = self.forward(model, chunk)
             mtp = torch.stack(out.mtp_losses).mean() if out.mtp_losses else out.loss.new_zeros(())
             total = out.loss + cfg.mtp_lambda * mtp + cfg.balance_alpha * out.balance_loss
+            aux = out.aux_loss if cfg.aux_loss_alpha and getattr(out, "aux_loss", None) is not None else None
+            if aux is not None:
+                total = total + cfg.aux_loss_alpha * aux
             (total / cfg.grad_accum).backward()
-            sums += torch.stack([out.loss.detach(), mtp.detach(), out.balance_loss.detach()]).float()
+            sums += torch.stack([out.loss.detach(), mtp.detach(), out.balance_loss.detach(),
+                                 (aux if aux is not None else out.loss.new_zeros(())).detach()]).float()
             if out.loads is not None:
                 loads = out.loads if loads is None else loads + out.loads
         sums /= cfg.grad_accum
@@ -309,6 +314,8 @@ class Trainer:
             rec["mtp_loss"] = sums[1].item()
         if loads is not None:
             rec["balance_loss"] = sums[2].item()
+            if self.cfg.aux_loss_alpha:
+                rec["aux_loss"] = sums[3].item()
             rec.update(load_stats(loads))
         return rec
 
