@@ -28,3 +28,9 @@ SERVE_TINY = dict(vocab_size=96, hidden_size=48, intermediate_size=64, moe_inter
                   qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
                   num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=256,
                   initializer_range=0.2)
+
+# a three-layer MoE with both MLA layouts' sizes, for the LoRA tests (tests/test_tune_lora*.py)
+LORA_TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
+                 num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                 n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                 first_k_dense_replace=1, max_position_embeddings=64, initializer_range=0.1)

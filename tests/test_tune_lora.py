@@ -28,11 +28,9 @@ from frugallm.tune.lora import (
     merge_lora,
     trainable_parameters,
 )
+from shapes import LORA_TINY
 
-BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
-            num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
-            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-            first_k_dense_replace=1, max_position_embeddings=64, initializer_range=0.1)
+BASE = LORA_TINY  # tests/shapes.py
 CASES = {"q-latent-mtp": dict(q_lora_rank=24, num_nextn_predict_layers=1),
          "no-q-latent": dict(q_lora_rank=None)}
 MLA_QLATENT = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")

@@ -24,11 +24,9 @@ from frugallm.tune.lora import (
     trainable_parameters,
 )
 from frugallm.tune.lora_ops import expert_adapter, lora_linear
+from shapes import LORA_TINY
 
-BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
-            num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
-            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-            first_k_dense_replace=1, max_position_embeddings=64, initializer_range=0.1)
+BASE = LORA_TINY  # tests/shapes.py
 CASES = {"q-latent": dict(q_lora_rank=24, num_nextn_predict_layers=1), "no-q-latent": dict(q_lora_rank=None)}
 RTOL = 1e-5
 
