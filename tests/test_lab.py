@@ -14,10 +14,11 @@ import pytest
 
 from frugallm.errors import ConfigError
 from frugallm.lab import stats
-from frugallm.lab.claims import select
+from frugallm.lab.claims import base_model, select
 from frugallm.lab.cli import parse_duration
 from frugallm.lab.report import build_report, write_report
-from frugallm.lab.runner import LabPlan, make_plan, measure_serving, needed_arms, run_dir, run_lab
+from frugallm.lab.runner import (TWIN, LabPlan, evaluate_on_raw, flops_twins, make_plan, measure_serving,
+                                 needed_arms, prepare_plan, run_dir, run_lab)
 from shapes import MICRO
 
 # a few steps per arm, float32 so that resumed and uninterrupted runs agree exactly
@@ -51,12 +52,53 @@ def test_bad_input_is_refused_naming_the_problem() -> None:
 
 
 def _plan(claims) -> LabPlan:
-    return LabPlan(arms=needed_arms(claims), seeds=2, tokens=32 * 4 * 6, seq_len=32, batch_size=4, budget_s=60)
+    twins = flops_twins(claims, MICRO, 32)
+    step = 32 * 4
+    twin_tokens = {a + TWIN: round(6 * r) * step for a, r in twins.items()}
+    return LabPlan(arms=needed_arms(claims) + tuple(twin_tokens), seeds=2, tokens=6 * step, seq_len=32,
+                   batch_size=4, budget_s=60, twin_tokens=twin_tokens)
+
+
+def test_the_plan_fits_the_budget_at_the_probed_rates_with_equal_flops_twins() -> None:
+    claims = select(["moe-vs-dense", "mtp"])
+    rates = {"base": 3000.0, "dense-active": 6000.0, "dense-total": 2500.0, "mtp-off": 5000.0}
+    plan = make_plan(claims, seeds=2, budget_s=3600, rates=rates, overhead_s=10.0)
+    twins = flops_twins(claims, base_model(), 256)
+    assert set(twins) == {"dense-active", "dense-total", "mtp-off"}  # base's FLOPs/token differ by > 5%
+    assert twins["dense-total"] < 1 < twins["dense-active"]
+    step = 256 * 16
+    for arm, ratio in twins.items():  # each twin spends the base's FLOPs, to a step
+        assert abs(plan.twin_tokens[arm + TWIN] - plan.tokens * ratio) <= step / 2
+    # the seconds the plan predicts at those rates: within the budget, and a step per run short of it at most
+    runs = [(a, plan.tokens_of(a)) for a in plan.arms]
+    predicted = plan.seeds * sum(10.0 + t / rates[a.removesuffix(TWIN)] for a, t in runs)
+    assert predicted <= 3600
+    assert predicted > 3600 - plan.seeds * sum(2 * step / rates[a.removesuffix(TWIN)] for a, _ in runs)
+    assert plan.arms[:3] == ("base", "dense-active", "dense-total")
+    assert needed_arms(select(["curation"]))[-1] == "curated"  # it reuses an earlier run's tokenizer
+
+
+def test_the_probe_times_each_distinct_arm_once_and_a_restarted_lab_keeps_its_plan(corpus_dir, tmp_path) -> None:
+    claims = select(["balancing"])
+    out = tmp_path / "lab"
+    plan = prepare_plan(out, claims, seeds=2, budget_s=120, base=MICRO, data=[str(corpus_dir)], seq_len=32,
+                        batch_size=4, train_overrides=_TRAIN)
+    assert sorted(p.name for p in (out / "probe").iterdir() if not p.name.startswith(".")) == ["base"]
+    assert set(plan.rates) == {"base", "aux-loss", "no-balancing"} and plan.rates["base"] > 0
+    assert len(set(plan.rates.values())) == 1  # the same step's work: the base's probe stands for them
+    assert plan.overhead_s > 0 and json.loads((out / "plan.json").read_text())["tokens"] == plan.tokens
+    stamp = (out / "probe" / "base" / "metrics.jsonl").stat().st_mtime_ns
+    again = prepare_plan(out, claims, seeds=2, budget_s=120, base=MICRO, data=[str(corpus_dir)], seq_len=32,
+                         batch_size=4, train_overrides=_TRAIN)
+    assert again == plan and (out / "probe" / "base" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="another plan.*--seeds"):
+        prepare_plan(out, claims, seeds=3, budget_s=120, base=MICRO, seq_len=32, batch_size=4)
 
 
 def test_miniature_lab_report_comes_from_its_runs_and_resumes_to_the_same_figures(corpus_dir, tmp_path) -> None:
-    claims = select(["mtp"])
+    claims = select(["mtp", "curation"])
     plan = _plan(claims)
+    assert plan.twin_tokens and "mtp-off" + TWIN in plan.arms  # mtp-off trains fewer FLOPs per token
     full = tmp_path / "full"
     run_lab(plan, full, base=MICRO, data=[str(corpus_dir)], train_overrides=_TRAIN)
     measure_serving(plan, full, claims, context=48, new_tokens=8)
@@ -81,6 +123,29 @@ def test_miniature_lab_report_comes_from_its_runs_and_resumes_to_the_same_figure
     assert base_serve["decode_tokens_per_s"] == json.loads((run_dir(full, "base", 0) / "serve.json").read_text()
                                                            )["decode_tokens_per_s"]
     assert "speculative_speedup" not in saved["claims"]["mtp"]["arms"]["mtp-off"]
+    # equal FLOPs: mtp-off's twin trained the base's FLOPs, and its figure is that run's validation loss
+    twin = [json.loads(line) for line in (run_dir(full, "mtp-off" + TWIN, 0) / "metrics.jsonl").open()]
+    assert next(r for r in twin if r.get("final"))["tokens"] == plan.twin_tokens["mtp-off" + TWIN] > plan.tokens
+    got = saved["claims"]["mtp"]["arms"]["mtp-off"]
+    assert got["equal_flops_tokens"] == plan.twin_tokens["mtp-off" + TWIN] and got["equal_flops_run"] == "separate run"
+    assert saved["claims"]["mtp"]["arms"]["base"]["equal_flops_run"] == "the equal-tokens run"
+    # curation: the curated arm trained on the curated corpus with the base's tokenizer, and is judged on the
+    # raw corpus's held-out split by the training loop's own evaluation (which reproduces the base's figure)
+    cur = run_dir(full, "curated", 0)
+    assert (full / "curated").is_dir() and "curated" in (cur / "config.toml").read_text()
+    assert (cur / "tokenizer.json").read_bytes() == (run_dir(full, "base", 0) / "tokenizer.json").read_bytes()
+    raw = json.loads((cur / "raw_eval.json").read_text())
+    assert saved["claims"]["curation"]["arms"]["curated"]["val_loss"]["mean"] == pytest.approx(
+        statistics.fmean([raw["val_loss"], json.loads((run_dir(full, "curated", 1) / "raw_eval.json").read_text())
+                          ["val_loss"]]), abs=1e-12)
+    base_again = evaluate_on_raw(run_dir(full, "base", 0), [str(corpus_dir)])
+    base_final = next(json.loads(line) for line in (run_dir(full, "base", 0) / "metrics.jsonl").open()
+                      if json.loads(line).get("final"))
+    assert base_again["val_loss"] == pytest.approx(base_final["val_loss"], abs=1e-5)
+    assert base_again["val_tokens"] == raw["val_tokens"]  # the same held-out text
+    for name in ("mtp", "curation"):
+        assert (full / saved["claims"][name]["plot"]).stat().st_size > 10_000
+        assert f"]({saved['claims'][name]['plot']})" in (full / "report.md").read_text()
 
     # the same lab stopped after its first two runs (copied from the full lab: the same runs), then started
     # again: the finished arms are skipped, the others trained, and the figures are the uninterrupted ones
@@ -94,6 +159,23 @@ def test_miniature_lab_report_comes_from_its_runs_and_resumes_to_the_same_figure
     resumed = build_report(cut, plan, claims, base=MICRO)
     for name, claim in report["claims"].items():
         for arm, figs in claim["arms"].items():
-            for key in ("val_loss", "val_bpb", "train_loss_at_equal_flops"):
+            for key in ("val_loss", "val_bpb", "val_loss_at_equal_flops"):
                 a, b = figs[key]["mean"], resumed["claims"][name]["arms"][arm][key]["mean"]
                 assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-6), (name, arm, key)
+
+
+def test_the_progress_line_names_the_run_and_counts_down_the_budget() -> None:
+    import time
+
+    from frugallm.train.progress import ProgressLine
+
+    ui = ProgressLine(enabled=True, label="lab [3/20] base seed 0", deadline=time.time() + 100)
+    ui.start(None, 0)
+    try:
+        ui.update(1, {"loss": 5.0, "lr": 1e-3, "tokens_per_s": 1000.0})
+        desc = ui._progress.tasks[0].description
+        left = int(desc.split(" s left in the budget")[0].split()[-1])
+        assert 90 <= left <= 100
+        assert ui._progress.columns[0].text_format == "[bold]lab [3/20] base seed 0"
+    finally:
+        ui.stop()

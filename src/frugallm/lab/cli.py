@@ -30,52 +30,43 @@ def _seeds(text: str) -> int:
 
 
 def run_lab_command(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
     from rich.console import Console
 
     from frugallm.lab.claims import ARMS, arm_costs, base_model, select
     from frugallm.lab.report import build_report, write_report
-    from frugallm.lab.runner import make_plan, measure_serving, run_lab
+    from frugallm.lab.runner import flops_twins, measure_serving, prepare_plan, run_lab
 
-    console = Console()
+    console = Console(soft_wrap=True)
     chosen = select(args.claims)
     budget = parse_duration(args.budget)
     seeds = _seeds(args.seeds)
     if args.list:
         costs = arm_costs(base_model(), 256)
+        twins = flops_twins(chosen, base_model(), 256)
         for c in chosen:
             console.print(f"[bold]{c.name}[/bold]: {c.published['claim']} ({c.published['source']})")
             for a in c.arms:
                 k = costs[a]
+                twin = f"   equal-FLOPs twin: x{twins[a]:.2f} tokens" if a in twins and a != c.arms[0] else ""
                 console.print(f"    {a:<13} {k['train_flops_per_token'] / 1e6:8.1f} MFLOP/token   "
                               f"{k['params_total'] / 1e6:6.2f}M total, {k['params_active'] / 1e6:6.2f}M active   "
-                              f"{ARMS[a].note}")
+                              f"{ARMS[a].note}{twin}")
         return 0
-    if any(ARMS[a].curated for c in chosen for a in c.arms):
-        raise ConfigError("the curation claim is not wired into the lab runner yet; name the other claims "
-                          "(benchmarks/curation_ablation.py measures it)")
-    plan = make_plan(chosen, seeds=seeds, budget_s=budget)
     out = Path(args.out)
-    _check_same_plan(out, plan)
-    console.print(f"lab: {len(plan.arms)} arms x {seeds} seeds, {plan.tokens:,} tokens each, into {out}")
-    run_lab(plan, out, data=list(args.data) if args.data else None, progress=console.print)
+    data = list(args.data) if args.data else None
+    plan = prepare_plan(out, chosen, seeds=seeds, budget_s=budget, data=data, calibrate=not args.no_probe,
+                        progress=console.print)
+    console.print(f"lab: {len(plan.arms)} arms x {seeds} seeds, {plan.tokens:,} tokens each "
+                  f"({len(plan.twin_tokens)} equal-FLOPs twins), into {out}")
+    live = sys.stderr.isatty() and not os.environ.get("FRUGALLM_NO_PROGRESS")
+    run_lab(plan, out, data=data, progress=console.print, live=live)
     measure_serving(plan, out, chosen, progress=console.print)
     write_report(out, build_report(out, plan, chosen))
-    console.print(f"report: {out / 'report.md'}, {out / 'report.json'}")
+    console.print(f"report: {out / 'report.md'}, {out / 'report.json'}, plots in {out / 'plots'}")
     return 0
-
-
-def _check_same_plan(out: Path, plan: object) -> None:
-    """A lab started again must be the same lab: its finished arms were trained to the old horizon."""
-    import json
-
-    saved = out / "plan.json"
-    if saved.is_file():
-        old = json.loads(saved.read_text(encoding="utf-8"))
-        new = json.loads(json.dumps(plan.__dict__))
-        diff = [k for k in new if old.get(k) != new[k]]
-        if diff:
-            raise ConfigError(f"{out} holds a lab with another plan ({', '.join(diff)} differ); rerun it with "
-                              f"the same claims, --budget and --seeds, or choose another --out")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,4 +78,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", default=None, help="corpus (default: the embedded standard library)")
     p.add_argument("--out", default="runs/lab", help="lab directory (default runs/lab)")
     p.add_argument("--list", action="store_true", help="list the claims, their arms and FLOPs per token")
+    p.add_argument("--no-probe", action="store_true",
+                   help="plan the horizon at an assumed 0.2 TFLOP/s instead of timing a few steps of each arm")
     p.set_defaults(func=run_lab_command)

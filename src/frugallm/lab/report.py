@@ -1,11 +1,14 @@
-"""``DIR/report.json`` and ``DIR/report.md``: every figure read from the arms' run directories.
+"""``DIR/report.json``, ``DIR/report.md`` and ``DIR/plots/CLAIM.png``: every figure read from the arms' run
+directories.
 
 Per arm and seed: the final validation loss over the whole held-out split (``metrics.jsonl``, the record
-marked final), its wall seconds and tokens per second (``cost.json``), the expert load of its last training
-record (max/mean and dead experts, per MoE layer, averaged), and its training FLOPs per token from the cost
-model. Per claim: each figure as mean ± spread over seeds (``stats``), and for the claim's arm against each
-other arm a verdict on validation loss at equal tokens, plus the training loss at equal FLOPs (each arm's
-curve read at the largest FLOPs every arm reached, linearly between records) and at equal wall-clock seconds.
+marked final; for a curated arm its evaluation on the raw corpus's split, ``raw_eval.json``), its wall seconds
+(``cost.json``), the expert load of its last training record (max/mean and dead experts, per MoE layer,
+averaged), and its training FLOPs per token from the cost model. Per claim: each figure as mean ± spread over
+seeds (``stats``), and for the claim's arm against each other arm a verdict on validation loss at equal tokens,
+on validation loss at equal FLOPs (the equal-FLOPs twin runs, ``runner.flops_twins``), and on training loss at
+equal wall-clock seconds (each arm's curve read at the last second every arm's curve reaches, linearly between
+records). The plots: training loss against FLOPs and against seconds, every run of the claim.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from frugallm import fsio
 from frugallm.config import ModelConfig
 from frugallm.lab import stats
 from frugallm.lab.claims import ARMS, Claim, arm_costs, base_model
-from frugallm.lab.runner import LabPlan, is_finished, run_dir
+from frugallm.lab.runner import TWIN, LabPlan, is_finished, run_dir
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -53,6 +56,10 @@ def arm_figures(path: Path, flops_per_token: float) -> dict[str, Any]:
         fig.update({k: v for k, v in json.loads(serve.read_text(encoding="utf-8")).items()
                     if k in ("decode_tokens_per_s", "speculative_tokens_per_s", "acceptance_rate",
                              "speculative_speedup", "context")})
+    raw = path / "raw_eval.json"  # a curated arm, judged on the raw corpus's held-out split
+    if raw.is_file():
+        got = json.loads(raw.read_text(encoding="utf-8"))
+        fig.update(val_loss=got["val_loss"], val_bpb=got["val_bpb"], evaluated_on="the raw corpus's held-out split")
     if "load_max_over_mean" in last:
         fig["load_max_over_mean"] = sum(last["load_max_over_mean"]) / len(last["load_max_over_mean"])
         fig["dead_experts"] = sum(last["dead_experts"]) / len(last["dead_experts"])
@@ -65,25 +72,29 @@ def build_report(out: Path, plan: LabPlan, claims: list[Claim], base: ModelConfi
     figs: dict[str, list[dict[str, Any]]] = {}
     for arm in plan.arms:
         runs = [run_dir(out, arm, s) for s in range(plan.seeds)]
-        figs[arm] = [arm_figures(p, costs[arm]["train_flops_per_token"]) for p in runs if is_finished(p)]
-    report: dict[str, Any] = {"host": f"{platform.node()} {platform.processor() or platform.machine()}",
-                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                              "plan": dict(plan.__dict__), "claims": {}}
+        figs[arm] = [arm_figures(p, costs[arm.removesuffix(TWIN)]["train_flops_per_token"]) for p in runs
+                     if is_finished(p)]
+    report: dict[str, Any] = {"host": _host(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                              "plan": plan.as_dict(), "claims": {}}
     for claim in claims:
         if any(not figs[a] for a in claim.arms):
             report["claims"][claim.name] = {"published": claim.published, "verdicts": [],
                                             "verdict": stats.NOT_MEASURABLE, "why": "an arm has no finished run"}
             continue
-        # the last point every arm's logged curve reaches (the final step may fall between log records)
-        common_flops = min(f["curve_flops"][-1][0] for a in claim.arms for f in figs[a])
+        # the last second every arm's logged curve reaches (the final step may fall between log records)
         common_s = min(f["curve_seconds"][-1][0] for a in claim.arms for f in figs[a])
         arms: dict[str, Any] = {}
         for a in claim.arms:
             rows = figs[a]
             entry = {k: stats.estimate([r[k] for r in rows]).as_dict()
                      for k in ("val_loss", "val_bpb", "wall_s", "load_max_over_mean", "dead_experts") if k in rows[0]}
-            entry["train_loss_at_equal_flops"] = stats.estimate(
-                [_at(r["curve_flops"], common_flops) for r in rows]).as_dict()
+            twin = a + TWIN if a + TWIN in figs and figs[a + TWIN] else None
+            at_flops = figs[twin] if twin else rows  # within the tolerance, the equal-token run is it
+            entry["val_loss_at_equal_flops"] = stats.estimate([r["val_loss"] for r in at_flops]).as_dict()
+            entry["equal_flops_tokens"] = at_flops[0]["tokens"]
+            entry["equal_flops_run"] = "separate run" if twin else "the equal-tokens run"
+            if "evaluated_on" in rows[0]:
+                entry["evaluated_on"] = rows[0]["evaluated_on"]
             entry["train_loss_at_equal_seconds"] = stats.estimate(
                 [_at(r["curve_seconds"], common_s) for r in rows]).as_dict()
             entry["train_flops_per_token"] = costs[a]["train_flops_per_token"]
@@ -102,7 +113,7 @@ def build_report(out: Path, plan: LabPlan, claims: list[Claim], base: ModelConfi
         head = claim.arms[0]
         for other in claim.arms[1:]:
             for key, label in (("val_loss", "validation loss, equal tokens"),
-                               ("train_loss_at_equal_flops", "training loss, equal FLOPs"),
+                               ("val_loss_at_equal_flops", "validation loss, equal FLOPs"),
                                ("train_loss_at_equal_seconds", "training loss, equal wall-clock seconds")):
                 a, b = (stats.Estimate(**{**arms[x][key], "spread": arms[x][key]["spread"]
                                           if arms[x][key]["spread"] is not None else math.nan})
@@ -110,14 +121,63 @@ def build_report(out: Path, plan: LabPlan, claims: list[Claim], base: ModelConfi
                 v, why = stats.verdict(a, b) if not (math.isnan(a.mean) or math.isnan(b.mean)) else \
                     (stats.NOT_MEASURABLE, "the curves do not reach the common point")
                 verdicts.append({"arm": head, "against": other, "figure": label, "verdict": v, "why": why})
-        report["claims"][claim.name] = {"published": claim.published, "arms": arms, "verdicts": verdicts,
-                                        "equal_flops": common_flops, "equal_seconds": common_s}
+        report["claims"][claim.name] = {
+            "published": claim.published, "arms": arms, "verdicts": verdicts, "equal_seconds": common_s,
+            "equal_flops": plan.tokens * costs[head]["train_flops_per_token"],
+            "curves": {run: [{"flops": f["curve_flops"], "seconds": f["curve_seconds"]} for f in figs[run]]
+                       for a in claim.arms for run in (a, a + TWIN) if figs.get(run)}}
     return report
 
 
+def _host() -> str:
+    import os
+
+    from frugallm.kernels.host import cpu_model
+
+    return f"{cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def write_report(out: Path, report: dict[str, Any]) -> None:
+    for name, claim in report["claims"].items():
+        if claim.get("curves"):
+            claim["plot"] = str(write_plot(out / "plots" / f"{name}.png", name, claim["curves"]).relative_to(out))
     fsio.write_text(out / "report.json", json.dumps(report, indent=1))
     fsio.write_text(out / "report.md", render_markdown(report))
+
+
+def write_plot(path: Path, title: str, curves: dict[str, list[dict[str, Any]]]) -> Path:
+    """Training loss against FLOPs (left) and against wall-clock seconds (right), every run of a claim: one
+    colour per arm, one line per seed, equal-FLOPs twins dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colours: dict[str, Any] = {}
+    for run, seeds in curves.items():
+        arm = run.removesuffix(TWIN)
+        colour = colours.setdefault(arm, f"C{len(colours)}")
+        for i, c in enumerate(seeds):
+            style = dict(color=colour, linestyle="--" if run.endswith(TWIN) else "-", alpha=0.85, linewidth=1.2,
+                         label=(f"{arm} (equal FLOPs)" if run.endswith(TWIN) else arm) if i == 0 else None)
+            if c["flops"]:
+                left.plot(*zip(*c["flops"], strict=True), **style)
+            if c["seconds"]:
+                right.plot(*zip(*c["seconds"], strict=True), **style)
+    left.set_xlabel("training FLOPs (cost model)")
+    right.set_xlabel("wall-clock seconds of training")
+    left.set_ylabel("training loss (nats/token)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(f"{title}: training loss, every seed")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with fsio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _fmt(e: dict[str, Any] | None) -> str:
@@ -131,22 +191,28 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# frugallm lab report", "",
              f"Host {report['host']}, {report['date']}. {p['seeds']} seed(s) per arm, {p['tokens']:,} training "
              f"tokens per arm (seq {p['seq_len']} x batch {p['batch_size']}), budget {p['budget_s']:.0f} s. "
-             "Figures are mean ± sample standard deviation over seeds.", ""]
+             "Figures are mean ± sample standard deviation over seeds.", "",
+             _plan_line(p), ""]
     for name, c in report["claims"].items():
         pub = c["published"]
         lines += [f"## {name}", "", f"Claim: {pub['claim']}. Published: {pub['figure']} ({pub['source']}).", ""]
         if "arms" in c:
-            lines += ["| arm | val loss | val bpb | train loss @ equal FLOPs | train loss @ equal s | wall s | "
+            lines += ["| arm | val loss, equal tokens | val bpb | val loss, equal FLOPs (tokens) | "
+                      f"train loss @ {c['equal_seconds']:.0f} s | wall s | "
                       "train FLOPs/token | load max/mean | dead experts | KV bytes/token |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
             for a, e in c["arms"].items():
                 lines.append(f"| {a} | {_fmt(e.get('val_loss'))} | {_fmt(e.get('val_bpb'))} | "
-                             f"{_fmt(e.get('train_loss_at_equal_flops'))} | {_fmt(e.get('train_loss_at_equal_seconds'))}"
+                             f"{_fmt(e.get('val_loss_at_equal_flops'))} ({e['equal_flops_tokens']:,}"
+                             f"{'' if e['equal_flops_run'] == 'separate run' else ', same run'}) | "
+                             f"{_fmt(e.get('train_loss_at_equal_seconds'))}"
                              f" | {_fmt(e.get('wall_s'))} | {e['train_flops_per_token']:.3e} | "
                              f"{_fmt(e.get('load_max_over_mean'))} | {_fmt(e.get('dead_experts'))} | "
                              f"{e.get('kv_bytes_per_token_bf16', '')} |")
             lines.append("")
             for a, e in c["arms"].items():
+                if "evaluated_on" in e:
+                    lines.append(f"- {a}: validation figures on {e['evaluated_on']}")
                 if "decode_tokens_per_s" in e:
                     lines.append(f"- {a}: {e['decode_tokens_per_s']:.1f} decode tokens/s after a {e['context']}-token "
                                  "context (serving engine, greedy, one stream, seed 0)"
@@ -154,9 +220,22 @@ def render_markdown(report: dict[str, Any]) -> str:
                                     f"(x{e['speculative_speedup']:.2f}), acceptance {e['acceptance_rate']:.0%}"
                                     if "speculative_speedup" in e else ""))
             lines.append("")
+        if c.get("plot"):
+            lines += [f"![{name}: training loss against FLOPs and against seconds]({c['plot']})", ""]
         for v in c["verdicts"]:
             lines.append(f"- {v['arm']} vs {v['against']}, {v['figure']}: **{v['verdict']}** ({v['why']})")
         if not c["verdicts"]:
             lines.append(f"- **{c['verdict']}**: {c['why']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _plan_line(p: dict[str, Any]) -> str:
+    rates = p.get("rates") or {}
+    how = (("Probed training rates (tokens/s): " + ", ".join(f"{a} {r:,.0f}" for a, r in rates.items())
+            + f"; {p.get('overhead_s', 0):.0f} s of start-up and evaluation per run.") if rates
+           else "No probe: every arm was planned at an assumed rate.")
+    twins = p.get("twin_tokens") or {}
+    if twins:
+        how += " Equal-FLOPs runs: " + ", ".join(f"{a.removesuffix(TWIN)} {t:,} tokens" for a, t in twins.items()) + "."
+    return how

@@ -3,18 +3,26 @@ training loop (``frugallm.train.loop.Trainer``), all on the same data, tokenizer
 horizon. A finished arm (its ``cost.json`` written) is skipped; an interrupted one resumes from its newest
 checkpoint, so a lab started again finishes what is left and reproduces the uninterrupted figures.
 
-The horizon: ``plan`` splits the budget's seconds over the runs by the cost model, assuming the achieved rate
-``rate_flops`` (FLOP/s; measured by the first run and written to ``DIR/plan.json`` so that a restarted lab keeps
-the same horizon). Every arm trains the same number of tokens (equal tokens); equal-FLOPs figures are read
-off each arm's loss curve at the base's FLOPs (``report``).
+Two matchings, both trained:
+- equal tokens: every arm trains ``plan.tokens``;
+- equal FLOPs: an arm whose training FLOPs per token (the cost model's) differ from the base's by more than
+  ``FLOPS_TOLERANCE`` also trains a twin ``DIR/arms/ARM@flops-seedN`` on ``plan.tokens * base / arm`` tokens,
+  with its own learning-rate schedule, so both runs end their schedules at the FLOPs the base spent. Within
+  the tolerance the equal-tokens run is the equal-FLOPs run.
+
+The horizon: ``probe`` times a few training steps of every distinct arm on this machine (tokens per second,
+and the start-up plus full evaluation seconds of a run), and ``make_plan`` picks the token horizon at which
+all runs fit the budget at those rates. The plan is written to ``DIR/plan.json`` before any arm trains, so
+that a restarted lab keeps the same horizon without probing again.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +32,21 @@ from frugallm.errors import ConfigError
 from frugallm.lab.claims import ARMS, Claim, arm_costs, base_model
 from frugallm.train.config import TrainConfig
 
+FLOPS_TOLERANCE = 0.05  # relative FLOPs-per-token difference under which equal tokens is equal FLOPs
+TWIN = "@flops"  # the suffix of an equal-FLOPs twin's arm name
+
 
 @dataclass(frozen=True, kw_only=True)
 class LabPlan:
-    arms: tuple[str, ...]
+    arms: tuple[str, ...]  # equal-token arms, then the equal-FLOPs twins (``ARM@flops``)
     seeds: int
-    tokens: int  # training tokens of every arm
+    tokens: int  # training tokens of every equal-token arm
     seq_len: int
     batch_size: int
     budget_s: float
+    twin_tokens: dict[str, int] = field(default_factory=dict)  # ARM@flops -> its tokens
+    rates: dict[str, float] = field(default_factory=dict)  # arm -> probed training tokens/s (empty: assumed)
+    overhead_s: float = 15.0  # start-up and final evaluation of one run
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
@@ -40,27 +54,72 @@ class LabPlan:
         if self.tokens < self.seq_len * self.batch_size:
             raise ConfigError(f"the budget gives {self.tokens} tokens per arm, under one step; raise --budget")
 
+    def tokens_of(self, arm: str) -> int:
+        return self.twin_tokens.get(arm, self.tokens)
+
+    def as_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.__dict__))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LabPlan:
+        return cls(**{**d, "arms": tuple(d["arms"])})
+
+
+def arm_of(run_arm: str) -> str:
+    """The arm an (equal-FLOPs twin) run trains: ``dense-total@flops`` -> ``dense-total``."""
+    return run_arm.removesuffix(TWIN)
+
 
 def needed_arms(claims: list[Claim]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(a for c in claims for a in c.arms))
+    """The claims' arms, each once; the curated arms last, since they reuse an earlier run's tokenizer."""
+    arms = list(dict.fromkeys(a for c in claims for a in c.arms))
+    return tuple(sorted(arms, key=lambda a: ARMS[a].curated))
+
+
+def flops_twins(claims: list[Claim], base: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Arm -> the ratio (its claim's head arm's FLOPs per token) / (its own), for arms outside the tolerance."""
+    costs = arm_costs(base, seq_len)
+    twins: dict[str, float] = {}
+    for c in claims:
+        head = costs[c.arms[0]]["train_flops_per_token"]
+        for a in c.arms[1:]:
+            ratio = head / costs[a]["train_flops_per_token"]
+            if abs(ratio - 1) > FLOPS_TOLERANCE:
+                twins[a] = ratio
+    return twins
 
 
 def make_plan(claims: list[Claim], *, seeds: int, budget_s: float, base: ModelConfig | None = None,
-              seq_len: int = 256, batch_size: int = 16, rate_flops: float = 2e11, overhead_s: float = 15.0) -> LabPlan:
-    """Tokens per arm so that all runs fit ``budget_s`` at ``rate_flops`` achieved, ``overhead_s`` per run for
-    start-up and the final evaluation. The default rate is about what the mtp-off arm of ``tiny`` achieved in
-    bf16 on the idle 2-core AMD EPYC (6.6k tokens/s at 28 MFLOP per token = 0.19 TFLOP/s, 2026-12-04); with
-    another process on the cores it fell to 0.03. An assumption, not a probe of this machine."""
+              seq_len: int = 256, batch_size: int = 16, rates: dict[str, float] | None = None,
+              overhead_s: float = 15.0, assumed_flops_per_s: float = 2e11) -> LabPlan:
+    """The token horizon at which every run (equal-token arms and equal-FLOPs twins, all seeds) fits
+    ``budget_s``: each arm at its probed ``rates`` (training tokens per second), plus ``overhead_s`` per run.
+    Without ``rates`` every arm is assumed to achieve ``assumed_flops_per_s`` (0.2 TFLOP/s is about what
+    ``tiny`` trained at in bf16 on an idle 2-core AMD EPYC, 2026-12-04)."""
+    base = base or base_model()
     arms = needed_arms(claims)
-    costs = arm_costs(base or base_model(), seq_len)
-    flops_per_token = sum(costs[a]["train_flops_per_token"] for a in arms) * seeds
-    train_s = budget_s - overhead_s * len(arms) * seeds
+    costs = arm_costs(base, seq_len)
+    twins = flops_twins(claims, base, seq_len)
+    rates = dict(rates or {})
+
+    def seconds_per_token(arm: str) -> float:
+        if arm in rates:
+            return 1.0 / rates[arm]
+        return costs[arm]["train_flops_per_token"] / assumed_flops_per_s
+
+    # seconds for one token of horizon, over every run: an arm trains T tokens, its twin T * ratio
+    per_token = sum(seconds_per_token(a) for a in arms) + sum(seconds_per_token(a) * r for a, r in twins.items())
+    runs = len(arms) + len(twins)
+    train_s = budget_s - overhead_s * runs * seeds
     if train_s <= 0:
-        raise ConfigError(f"--budget {budget_s:g}s leaves no training time for {len(arms) * seeds} runs "
-                          f"(about {overhead_s:g} s each to start and evaluate); raise --budget or name fewer claims")
+        raise ConfigError(f"--budget {budget_s:g}s leaves no training time for {runs * seeds} runs "
+                          f"(about {overhead_s:.0f} s each to start and evaluate); raise --budget or name fewer claims")
     step = seq_len * batch_size
-    tokens = max(step, int(train_s * rate_flops / flops_per_token) // step * step)
-    return LabPlan(arms=arms, seeds=seeds, tokens=tokens, seq_len=seq_len, batch_size=batch_size, budget_s=budget_s)
+    tokens = max(step, int(train_s / (per_token * seeds)) // step * step)
+    twin_tokens = {a + TWIN: max(step, round(tokens * r / step) * step) for a, r in twins.items()}
+    return LabPlan(arms=arms + tuple(twin_tokens), seeds=seeds, tokens=tokens, seq_len=seq_len,
+                   batch_size=batch_size, budget_s=budget_s, twin_tokens=twin_tokens,
+                   rates={a: round(r, 1) for a, r in rates.items()}, overhead_s=round(overhead_s, 1))
 
 
 def run_dir(out: Path, arm: str, seed: int) -> Path:
@@ -73,58 +132,206 @@ def is_finished(path: Path) -> bool:
 
 
 def train_config(plan: LabPlan, arm: str, seed: int, data: list[str] | None, tokenizer: str | None,
-                 extra: dict[str, Any] | None = None) -> TrainConfig:
+                 extra: dict[str, Any] | None = None, tokens: int | None = None) -> TrainConfig:
+    tokens = tokens or plan.tokens_of(arm)
+    steps = tokens // (plan.seq_len * plan.batch_size)
     base = dict(data=data, tokenizer=tokenizer, seq_len=plan.seq_len, batch_size=plan.batch_size,
-                max_tokens=plan.tokens, time_budget_s=None, seed=seed, log_every=5, eval_every_s=1e9,
-                checkpoint_every_s=60.0, warmup_steps=min(50, max(1, plan.tokens // (plan.seq_len * plan.batch_size)
-                                                                     // 10)))
+                max_tokens=tokens, time_budget_s=None, seed=seed, log_every=5, eval_every_s=1e9,
+                checkpoint_every_s=60.0, warmup_steps=min(50, max(1, steps // 10)))
     base.update(extra or {})
-    base.update(ARMS[arm].train)
+    base.update(ARMS[arm_of(arm)].train)
     return TrainConfig(**base)
 
 
+# ----- the probe ----------------------------------------------------------------------------------------
+PROBE_STEPS = 4  # the first step is not timed (allocation, kernel choice)
+
+
+def probe_groups(arms: tuple[str, ...]) -> dict[str, str]:
+    """Arm -> the arm whose probe stands for it: arms with the base's model and precision share its rate
+    (balancing and curation change the loss or the data, not the step's work)."""
+    out = {}
+    for a in dict.fromkeys(arm_of(x) for x in arms):
+        arm = ARMS[a]
+        same_step = not arm.model and arm.train.get("precision") is None
+        out[a] = "base" if same_step and "base" in out else a
+    return out
+
+
+def probe(out: Path, arms: tuple[str, ...], *, base: ModelConfig, seq_len: int, batch_size: int,
+          data: list[str] | None, train_overrides: dict[str, Any] | None = None,
+          progress: Callable[[str], None] | None = None) -> tuple[dict[str, float], float]:
+    """Training tokens per second of every arm on this machine and the start-up plus final-evaluation
+    seconds of a run (the largest measured): ``PROBE_STEPS`` steps of each distinct arm in ``DIR/probe``."""
+    from frugallm.train.loop import Trainer
+
+    groups = probe_groups(arms)
+    step_tokens = seq_len * batch_size
+    rates: dict[str, float] = {}
+    overhead = 0.0
+    tokenizer = None
+    root = out / "probe"
+    for a in dict.fromkeys(groups.values()):
+        if ARMS[a].curated:
+            continue
+        if progress:
+            progress(f"probing arm {a}: {PROBE_STEPS} steps")
+        path = root / a
+        shutil.rmtree(path, ignore_errors=True)
+        cfg = train_config(LabPlan(arms=(a,), seeds=1, tokens=step_tokens * PROBE_STEPS, seq_len=seq_len,
+                                   batch_size=batch_size, budget_s=1.0), a, 0, data, tokenizer,
+                           {**(train_overrides or {}), "log_every": 1, "checkpoint_every_s": 1e9})
+        t0 = time.perf_counter()
+        Trainer(ARMS[a].model_config(base), cfg, path, progress=False).run()
+        wall = time.perf_counter() - t0
+        recs = [json.loads(line) for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+        steps = [r for r in recs if "loss" in r and "elapsed_s" in r]
+        first, last = steps[0], steps[-1]
+        timed = last["elapsed_s"] - first["elapsed_s"]
+        rates[a] = (last["tokens"] - first["tokens"]) / timed if timed > 0 else float(step_tokens) / max(wall, 1e-3)
+        overhead = max(overhead, wall - last["elapsed_s"])  # everything but the training steps
+        tokenizer = tokenizer or str(path / "tokenizer.json")
+    rates = {a: rates[g] for a, g in groups.items() if g in rates}
+    if "base" in rates:
+        rates.update({a: rates["base"] for a, g in groups.items() if g not in rates})
+    return rates, overhead
+
+
+def prepare_plan(out: Path, claims: list[Claim], *, seeds: int, budget_s: float, base: ModelConfig | None = None,
+                 data: list[str] | None = None, seq_len: int = 256, batch_size: int = 16,
+                 train_overrides: dict[str, Any] | None = None, calibrate: bool = True,
+                 progress: Callable[[str], None] | None = None) -> LabPlan:
+    """The saved plan of a lab started again (refusing another lab's), else a new one from a probe of this
+    machine (``calibrate``) or from the assumed rate, written to ``DIR/plan.json`` before anything trains."""
+    base = base or base_model()
+    saved = out / "plan.json"
+    arms = needed_arms(claims)
+    if saved.is_file():
+        old = LabPlan.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+        differ = [name for name, a, b in (("claims", set(arm_of(x) for x in old.arms), set(arms)),
+                                          ("--seeds", old.seeds, seeds), ("--budget", old.budget_s, budget_s),
+                                          ("shape", (old.seq_len, old.batch_size), (seq_len, batch_size)))
+                  if a != b]
+        if differ:
+            raise ConfigError(f"{out} holds a lab with another plan ({', '.join(differ)} differ); rerun it with "
+                              f"the same claims, --budget and --seeds, or choose another --out")
+        return old
+    rates, overhead = (probe(out, arms, base=base, seq_len=seq_len, batch_size=batch_size, data=data,
+                             train_overrides=train_overrides, progress=progress)
+                       if calibrate else ({}, 15.0))
+    plan = make_plan(claims, seeds=seeds, budget_s=budget_s, base=base, seq_len=seq_len, batch_size=batch_size,
+                     rates=rates, overhead_s=overhead if calibrate else 15.0)
+    out.mkdir(parents=True, exist_ok=True)
+    fsio.write_text(saved, json.dumps(plan.as_dict(), indent=1))
+    return plan
+
+
+# ----- training -----------------------------------------------------------------------------------------
+def curated_corpus(out: Path, data: list[str] | None, progress: Callable[[str], None] | None = None) -> list[str]:
+    """``frugallm curate``'s default recipe over the lab's corpus, into ``DIR/curated`` (resumable)."""
+    from frugallm.data.curate.pipeline import curate
+
+    target = out / "curated"
+    report = curate(data, target, workers=None,
+                    progress=(lambda name, msg: progress(f"curate {msg}")) if progress else None)
+    if progress:
+        progress(f"curated corpus: {report['output']['documents']:,} of {report['source']['documents']:,} documents")
+    return [str(target)]
+
+
 def run_lab(plan: LabPlan, out: Path, *, base: ModelConfig | None = None, data: list[str] | None = None,
-            curated_data: list[str] | None = None, train_overrides: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
-            stop_after_runs: int | None = None) -> list[Path]:
+            train_overrides: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
+            live: bool = False, stop_after_runs: int | None = None) -> list[Path]:
     """Train every (arm, seed) of the plan not finished yet; the run directories in plan order.
-    ``base``: the base model (default ``tiny``; the tests' miniature lab shrinks it); ``stop_after_runs``:
-    return after training that many (tests interrupt a lab with it)."""
+    ``base``: the base model (default ``tiny``; the tests' miniature lab shrinks it); ``live``: the training
+    loop's progress line, labelled with the run and the time left in the budget; ``stop_after_runs``: return
+    after training that many (tests interrupt a lab with it)."""
     from frugallm.train.loop import Trainer
 
     out.mkdir(parents=True, exist_ok=True)
-    fsio.write_text(out / "plan.json", json.dumps(plan.__dict__, indent=1))
+    if not (out / "plan.json").is_file():
+        fsio.write_text(out / "plan.json", json.dumps(plan.as_dict(), indent=1))
     runs = [(a, s) for s in range(plan.seeds) for a in plan.arms]
     tokenizer = None
-    dirs, trained, t0 = [], 0, time.perf_counter()
+    curated = None
+    dirs, trained = [], 0
+    deadline = time.time() + _budget_left(out, plan)
     for i, (arm, seed) in enumerate(runs):
         path = run_dir(out, arm, seed)
         dirs.append(path)
-        if tokenizer is None and is_finished(run_dir(out, plan.arms[0], 0)):
-            tokenizer = str(run_dir(out, plan.arms[0], 0) / "tokenizer.json")
+        spec = ARMS[arm_of(arm)]
+        if tokenizer is None:  # the first finished non-curated run's tokenizer is every later run's
+            done = [run_dir(out, a, 0) for a in plan.arms if not ARMS[arm_of(a)].curated]
+            tokenizer = next((str(p / "tokenizer.json") for p in done if is_finished(p)), None)
         if is_finished(path):
+            if spec.curated:
+                evaluate_on_raw(path, data)
             continue
         if stop_after_runs is not None and trained >= stop_after_runs:
             break
-        left = plan.budget_s - (time.perf_counter() - t0)
+        label = f"[{i + 1}/{len(runs)}] {arm} seed {seed}"
         if progress:
-            progress(f"[{i + 1}/{len(runs)}] arm {arm} seed {seed}: {plan.tokens:,} tokens; "
-                     f"{max(0.0, left):.0f} s left in the budget")
-        arm_data = curated_data if ARMS[arm].curated else data
-        if ARMS[arm].curated and not curated_data:
-            raise ConfigError("the curation claim needs a curated corpus (runner: curated_data)")
-        cfg = train_config(plan, arm, seed, arm_data, tokenizer, train_overrides)
+            progress(f"{label}: {plan.tokens_of(arm):,} tokens; {max(0.0, deadline - time.time()):.0f} s left "
+                     "in the budget")
+        if spec.curated and curated is None:
+            curated = curated_corpus(out, data, progress)
+        cfg = train_config(plan, arm, seed, curated if spec.curated else data, tokenizer, train_overrides)
         resume = (path / "config.toml").is_file() and (path / "checkpoints").is_dir()
-        result = Trainer(ARMS[arm].model_config(base or base_model()), cfg, path, resume=resume,
-                         progress=False).run()
+        t0 = time.time()
+        result = Trainer(spec.model_config(base or base_model()), cfg, path, resume=resume, progress=live,
+                         progress_label=f"lab {label}" if live else None,
+                         deadline=deadline if live else None).run()
+        _spend(out, time.time() - t0)
         if result.interrupted:  # Ctrl-C or SIGTERM: the arm is checkpointed, and the lab stops with it
             if progress:
                 progress(f"interrupted in arm {arm} seed {seed}; run the same command again to resume")
             return dirs
+        if spec.curated:
+            evaluate_on_raw(path, data)
         trained += 1
-        if tokenizer is None:  # the first run's tokenizer is every later run's
+        if tokenizer is None and not spec.curated:
             tokenizer = str(path / "tokenizer.json")
     return dirs
 
+
+def _budget_left(out: Path, plan: LabPlan) -> float:
+    spent = out / "spent.json"
+    used = json.loads(spent.read_text(encoding="utf-8"))["seconds"] if spent.is_file() else 0.0
+    return plan.budget_s - used
+
+
+def _spend(out: Path, seconds: float) -> None:
+    """Training seconds spent so far, over restarts: the progress line's time left in the budget."""
+    spent = out / "spent.json"
+    used = json.loads(spent.read_text(encoding="utf-8"))["seconds"] if spent.is_file() else 0.0
+    fsio.write_text(spent, json.dumps({"seconds": used + seconds}))
+
+
+def evaluate_on_raw(path: Path, data: list[str] | None) -> dict[str, Any]:
+    """A curated arm's validation figures on the raw corpus's held-out split (``raw_eval.json``, cached), so
+    that it is judged on the same text as the base. Documents are assigned to the split by the hash of their
+    text, so a curated document that kept its text is held out on both sides, and neither arm trained on any
+    of it. Evaluated as the training loop evaluates (whole split, the run's autocast)."""
+    cache = path / "raw_eval.json"
+    if cache.is_file():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    import torch
+
+    from frugallm.data.pack import prepare_corpus
+    from frugallm.rundir import load_model
+    from frugallm.train.evaluate import evaluate
+    from frugallm.train.runconfig import read_run_config
+
+    model_cfg, cfg = read_run_config(path / "config.toml")
+    corpus = prepare_corpus(data, vocab_size=model_cfg.vocab_size, tokenizer_path=path / "tokenizer.json",
+                            text_field=cfg.text_field, val_fraction=cfg.val_fraction, progress=False,
+                            cache_dir=path.parent / ".cache" / "data")
+    model = load_model(path)[0]
+    res = evaluate(model, corpus, seq_len=cfg.seq_len, batch=cfg.batch_size // cfg.grad_accum,
+                   autocast_dtype=None if cfg.precision == "fp32" else torch.bfloat16)
+    fsio.write_text(cache, json.dumps(res, indent=1))
+    return res
 
 
 SERVED = {"mla-vs-mha": False, "mtp": True}  # claims measured through the engine: with speculative decoding

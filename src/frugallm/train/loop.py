@@ -105,13 +105,15 @@ class Trainer:
     chosen for the device and precision (the CLI passes the environment's)."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
-                 progress: bool = True, dist: Any = None, kernel_override: str | None = None):
+                 progress: bool = True, dist: Any = None, kernel_override: str | None = None,
+                 progress_label: str | None = None, deadline: float | None = None):
         from frugallm.train.distributed import Dist
 
         self.model_cfg, self.cfg = model_cfg, cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.progress = progress
+        self.progress_label, self.deadline = progress_label, deadline  # the lab's run label and budget end
         self.dist = dist or Dist.from_env(dp=cfg.dp, ep=cfg.ep)
         self.dist.check(model_cfg, cfg.batch_size, cfg.grad_accum)
         self.device = self.dist.device if self.dist.world_size > 1 else pick_device(cfg.device)
@@ -338,7 +340,7 @@ class Trainer:
         meter = RateMeter(self.model_cfg, cfg, self.device, world_size=self.dist.world_size,
                           compute=self.outer_precision, kernels=self.kernels, flops_per_token=self.flops_per_token())
         interrupted = False
-        ui = ProgressLine(enabled=self.progress and is_main)
+        ui = ProgressLine(enabled=self.progress and is_main, label=self.progress_label, deadline=self.deadline)
         ui.start(cfg.max_steps, clock.step)
         model.train()
         clock.begin()
