@@ -17,8 +17,18 @@ from frugallm.lab import stats
 from frugallm.lab.claims import base_model, select
 from frugallm.lab.cli import parse_duration
 from frugallm.lab.report import build_report, write_report
-from frugallm.lab.runner import (TWIN, LabPlan, evaluate_on_raw, flops_twins, make_plan, measure_serving,
-                                 needed_arms, prepare_plan, run_dir, run_lab)
+from frugallm.lab.runner import (
+    TWIN,
+    LabPlan,
+    evaluate_on_raw,
+    flops_twins,
+    make_plan,
+    measure_serving,
+    needed_arms,
+    prepare_plan,
+    run_dir,
+    run_lab,
+)
 from shapes import MICRO
 
 # a few steps per arm, float32 so that resumed and uninterrupted runs agree exactly

@@ -24,7 +24,7 @@ from frugallm import fsio
 from frugallm.config import ModelConfig
 from frugallm.lab import stats
 from frugallm.lab.claims import ARMS, Claim, arm_costs, base_model
-from frugallm.lab.runner import TWIN, LabPlan, is_finished, run_dir
+from frugallm.lab.runner import SERVED, TWIN, LabPlan, is_finished, run_dir
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -213,7 +213,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             for a, e in c["arms"].items():
                 if "evaluated_on" in e:
                     lines.append(f"- {a}: validation figures on {e['evaluated_on']}")
-                if "decode_tokens_per_s" in e:
+                if "decode_tokens_per_s" in e and name in SERVED:
                     lines.append(f"- {a}: {e['decode_tokens_per_s']:.1f} decode tokens/s after a {e['context']}-token "
                                  "context (serving engine, greedy, one stream, seed 0)"
                                  + (f"; MTP drafting {e['speculative_tokens_per_s']:.1f} tokens/s "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from frugallm.errors import ConfigError
 from frugallm.lab.claims import ARMS, Claim, arm_costs, base_model
 from frugallm.train.config import TrainConfig
 
+SERVED = {"mla-vs-mha": False, "mtp": True}  # claims measured through the engine: with speculative decoding
+SERVING_S = 5.0  # seconds set aside per served arm for its decode measurement (an allowance, not a probe)
 FLOPS_TOLERANCE = 0.05  # relative FLOPs-per-token difference under which equal tokens is equal FLOPs
 TWIN = "@flops"  # the suffix of an equal-FLOPs twin's arm name
 
@@ -47,6 +50,7 @@ class LabPlan:
     twin_tokens: dict[str, int] = field(default_factory=dict)  # ARM@flops -> its tokens
     rates: dict[str, float] = field(default_factory=dict)  # arm -> probed training tokens/s (empty: assumed)
     overhead_s: float = 15.0  # start-up and final evaluation of one run
+    reserved_s: float = 0.0  # the budget's seconds outside training: probe, curation, decode measurements
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
@@ -91,9 +95,10 @@ def flops_twins(claims: list[Claim], base: ModelConfig, seq_len: int) -> dict[st
 
 def make_plan(claims: list[Claim], *, seeds: int, budget_s: float, base: ModelConfig | None = None,
               seq_len: int = 256, batch_size: int = 16, rates: dict[str, float] | None = None,
-              overhead_s: float = 15.0, assumed_flops_per_s: float = 2e11) -> LabPlan:
+              overhead_s: float = 15.0, reserved_s: float = 0.0, assumed_flops_per_s: float = 2e11) -> LabPlan:
     """The token horizon at which every run (equal-token arms and equal-FLOPs twins, all seeds) fits
-    ``budget_s``: each arm at its probed ``rates`` (training tokens per second), plus ``overhead_s`` per run.
+    ``budget_s``: each arm at its probed ``rates`` (training tokens per second), plus ``overhead_s`` per run,
+    less ``reserved_s`` (the probe and curation already spent, the serving measurements to come).
     Without ``rates`` every arm is assumed to achieve ``assumed_flops_per_s`` (0.2 TFLOP/s is about what
     ``tiny`` trained at in bf16 on an idle 2-core AMD EPYC, 2026-12-04)."""
     base = base or base_model()
@@ -110,16 +115,18 @@ def make_plan(claims: list[Claim], *, seeds: int, budget_s: float, base: ModelCo
     # seconds for one token of horizon, over every run: an arm trains T tokens, its twin T * ratio
     per_token = sum(seconds_per_token(a) for a in arms) + sum(seconds_per_token(a) * r for a, r in twins.items())
     runs = len(arms) + len(twins)
-    train_s = budget_s - overhead_s * runs * seeds
+    train_s = budget_s - reserved_s - overhead_s * runs * seeds
     if train_s <= 0:
         raise ConfigError(f"--budget {budget_s:g}s leaves no training time for {runs * seeds} runs "
-                          f"(about {overhead_s:.0f} s each to start and evaluate); raise --budget or name fewer claims")
+                          f"(about {overhead_s:.0f} s each to start and evaluate, {reserved_s:.0f} s to probe, "
+                          "curate and measure decoding); raise --budget or name fewer claims")
     step = seq_len * batch_size
     tokens = max(step, int(train_s / (per_token * seeds)) // step * step)
     twin_tokens = {a + TWIN: max(step, round(tokens * r / step) * step) for a, r in twins.items()}
     return LabPlan(arms=arms + tuple(twin_tokens), seeds=seeds, tokens=tokens, seq_len=seq_len,
                    batch_size=batch_size, budget_s=budget_s, twin_tokens=twin_tokens,
-                   rates={a: round(r, 1) for a, r in rates.items()}, overhead_s=round(overhead_s, 1))
+                   rates={a: round(r, 1) for a, r in rates.items()}, overhead_s=round(overhead_s, 1),
+                   reserved_s=round(reserved_s, 1))
 
 
 def run_dir(out: Path, arm: str, seed: int) -> Path:
@@ -162,13 +169,14 @@ def probe(out: Path, arms: tuple[str, ...], *, base: ModelConfig, seq_len: int, 
           data: list[str] | None, train_overrides: dict[str, Any] | None = None,
           progress: Callable[[str], None] | None = None) -> tuple[dict[str, float], float]:
     """Training tokens per second of every arm on this machine and the start-up plus final-evaluation
-    seconds of a run (the largest measured): ``PROBE_STEPS`` steps of each distinct arm in ``DIR/probe``."""
+    seconds of a run: ``PROBE_STEPS`` steps of each distinct arm in ``DIR/probe``. The overhead is the median
+    over the probes after the first, whose start-up also prepared the corpus (a one-time cost)."""
     from frugallm.train.loop import Trainer
 
     groups = probe_groups(arms)
     step_tokens = seq_len * batch_size
     rates: dict[str, float] = {}
-    overhead = 0.0
+    overheads: list[float] = []
     tokenizer = None
     root = out / "probe"
     for a in dict.fromkeys(groups.values()):
@@ -190,12 +198,13 @@ def probe(out: Path, arms: tuple[str, ...], *, base: ModelConfig, seq_len: int, 
         first, last = steps[0], steps[-1]
         timed = last["elapsed_s"] - first["elapsed_s"]
         rates[a] = (last["tokens"] - first["tokens"]) / timed if timed > 0 else float(step_tokens) / max(wall, 1e-3)
-        overhead = max(overhead, wall - last["elapsed_s"])  # everything but the training steps
+        overheads.append(wall - last["elapsed_s"])  # everything but the training steps
         tokenizer = tokenizer or str(path / "tokenizer.json")
     rates = {a: rates[g] for a, g in groups.items() if g in rates}
     if "base" in rates:
         rates.update({a: rates["base"] for a, g in groups.items() if g not in rates})
-    return rates, overhead
+    later = overheads[1:] or overheads
+    return rates, statistics.median(later) if later else 15.0
 
 
 def prepare_plan(out: Path, claims: list[Claim], *, seeds: int, budget_s: float, base: ModelConfig | None = None,
@@ -217,13 +226,19 @@ def prepare_plan(out: Path, claims: list[Claim], *, seeds: int, budget_s: float,
             raise ConfigError(f"{out} holds a lab with another plan ({', '.join(differ)} differ); rerun it with "
                               f"the same claims, --budget and --seeds, or choose another --out")
         return old
+    t0 = time.time()
+    if any(ARMS[a].curated for a in arms):  # curated once, before the plan: its seconds are the budget's
+        curated_corpus(out, data, progress)
     rates, overhead = (probe(out, arms, base=base, seq_len=seq_len, batch_size=batch_size, data=data,
                              train_overrides=train_overrides, progress=progress)
                        if calibrate else ({}, 15.0))
+    before = time.time() - t0
+    serving = SERVING_S * sum(len(c.arms) for c in claims if c.name in SERVED)
     plan = make_plan(claims, seeds=seeds, budget_s=budget_s, base=base, seq_len=seq_len, batch_size=batch_size,
-                     rates=rates, overhead_s=overhead if calibrate else 15.0)
+                     rates=rates, overhead_s=overhead, reserved_s=before + serving)
     out.mkdir(parents=True, exist_ok=True)
     fsio.write_text(saved, json.dumps(plan.as_dict(), indent=1))
+    _spend(out, before)
     return plan
 
 
@@ -334,7 +349,6 @@ def evaluate_on_raw(path: Path, data: list[str] | None) -> dict[str, Any]:
     return res
 
 
-SERVED = {"mla-vs-mha": False, "mtp": True}  # claims measured through the engine: with speculative decoding
 
 
 def measure_serving(plan: LabPlan, out: Path, claims: list[Claim], *, context: int = 512, new_tokens: int = 32,
