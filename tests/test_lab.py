@@ -29,6 +29,7 @@ from frugallm.lab.runner import (
     run_dir,
     run_lab,
 )
+from frugallm.lab.serving import held_out_prompt, measure
 from shapes import MICRO
 
 # a few steps per arm, float32 so that resumed and uninterrupted runs agree exactly
@@ -111,6 +112,9 @@ def test_miniature_lab_report_comes_from_its_runs_and_resumes_to_the_same_figure
     assert plan.twin_tokens and "mtp-off" + TWIN in plan.arms  # mtp-off trains fewer FLOPs per token
     full = tmp_path / "full"
     run_lab(plan, full, base=MICRO, data=[str(corpus_dir)], train_overrides=_TRAIN)
+    # the base measured plainly first (as mla-vs-mha does before mtp): the mtp claim still gets its drafts
+    plain = measure(run_dir(full, "base", 0), held_out_prompt(run_dir(full, "base", 0), 48), new_tokens=8)
+    assert "speculative_speedup" not in plain
     measure_serving(plan, full, claims, context=48, new_tokens=8)
     report = build_report(full, plan, claims, base=MICRO)
     write_report(full, report)
@@ -189,3 +193,32 @@ def test_the_progress_line_names_the_run_and_counts_down_the_budget() -> None:
         assert ui._progress.columns[0].text_format == "[bold]lab [3/20] base seed 0"
     finally:
         ui.stop()
+
+
+def test_nproc_trains_each_run_under_the_launcher_as_one_process_does(corpus_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FRUGALLM_DIST_TIMEOUT_S", "60")
+    claims = select(["mtp"])
+    shape = dict(seeds=1, tokens=4 * 128, seq_len=32, batch_size=4, budget_s=120, base=MICRO.to_dict())
+    two = LabPlan(arms=("base", "mtp-off"), nproc=2, **shape)
+    out = tmp_path / "two"
+    dirs = run_lab(two, out, data=[str(corpus_dir)], train_overrides={**_TRAIN, "threads": 1})
+    report = build_report(out, two, claims)  # the base model comes from the plan
+    for d in dirs:
+        cost = json.loads((d / "cost.json").read_text())
+        assert cost["device_count"] == 2, cost
+        assert (out / "arms" / ".launch" / f"{d.name}.toml").is_file()
+    finals = [next(json.loads(line) for line in (d / "metrics.jsonl").open() if json.loads(line).get("final"))
+              for d in dirs]
+    assert [f["tokens"] for f in finals] == [two.tokens] * 2
+    assert report["claims"]["mtp"]["arms"]["mtp-off"]["val_loss"]["mean"] == finals[1]["val_loss"]
+    assert report["base"]["hidden_size"] == MICRO.hidden_size
+    # the same global batch on one process: the same model, to float32 rounding
+    one = LabPlan(arms=("base",), nproc=1, **shape)
+    run_lab(one, tmp_path / "one", data=[str(corpus_dir)], train_overrides={**_TRAIN, "threads": 1})
+    single = next(json.loads(line) for line in (run_dir(tmp_path / "one", "base", 0) / "metrics.jsonl").open()
+                  if json.loads(line).get("final"))
+    assert single["val_loss"] == pytest.approx(finals[0]["val_loss"], abs=1e-4)
+    with pytest.raises(ConfigError, match="--nproc"):
+        prepare_plan(out, claims, seeds=1, budget_s=120, base=MICRO, seq_len=32, batch_size=4, nproc=1)
+    with pytest.raises(ConfigError, match="must divide by --nproc"):
+        LabPlan(arms=("base",), nproc=3, **shape)

@@ -19,14 +19,35 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
-def _seeds(text: str) -> int:
+def _positive(flag: str, value: str | None, default: int) -> int:
+    if value is None:
+        return default
     try:
-        n = int(text)
+        n = int(value)
     except ValueError:
         n = 0
     if n < 1:
-        raise ConfigError(f"--seeds must be a positive integer, got {text!r}")
+        raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
     return n
+
+
+def _base(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The base arm's model: --preset NAME, --config (a run TOML's [model] or a Hugging Face config.json), or
+    the tiny preset."""
+    from frugallm.config import load_model_config, preset
+    from frugallm.lab.claims import base_model
+    from frugallm.train.runconfig import read_run_config
+
+    if args.preset and args.config:
+        raise ConfigError("--preset and --config both name the base model; give one")
+    if args.preset:
+        return preset(args.preset)
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise ConfigError(f"--config {path}: no such file")
+        return read_run_config(path)[0] if path.suffix == ".toml" else load_model_config(path)
+    return base_model()
 
 
 def run_lab_command(args: argparse.Namespace) -> int:
@@ -35,17 +56,21 @@ def run_lab_command(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from frugallm.lab.claims import ARMS, arm_costs, base_model, select
+    from frugallm.lab.claims import ARMS, arm_costs, select
     from frugallm.lab.report import build_report, write_report
     from frugallm.lab.runner import flops_twins, measure_serving, prepare_plan, run_lab
 
     console = Console(soft_wrap=True)
     chosen = select(args.claims)
     budget = parse_duration(args.budget)
-    seeds = _seeds(args.seeds)
+    seeds = _positive("--seeds", args.seeds, 2)
+    nproc = _positive("--nproc", args.nproc, 1)
+    seq_len = _positive("--seq-len", args.seq_len, 256)
+    batch_size = _positive("--batch-size", args.batch_size, 16)
+    base = _base(args)
     if args.list:
-        costs = arm_costs(base_model(), 256)
-        twins = flops_twins(chosen, base_model(), 256)
+        costs = arm_costs(base, seq_len)
+        twins = flops_twins(chosen, base, seq_len)
         for c in chosen:
             console.print(f"[bold]{c.name}[/bold]: {c.published['claim']} ({c.published['source']})")
             for a in c.arms:
@@ -57,14 +82,15 @@ def run_lab_command(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     data = list(args.data) if args.data else None
-    plan = prepare_plan(out, chosen, seeds=seeds, budget_s=budget, data=data, calibrate=not args.no_probe,
-                        progress=console.print)
+    plan = prepare_plan(out, chosen, seeds=seeds, budget_s=budget, base=base, data=data, seq_len=seq_len,
+                        batch_size=batch_size, calibrate=not args.no_probe, nproc=nproc, progress=console.print)
     console.print(f"lab: {len(plan.arms)} arms x {seeds} seeds, {plan.tokens:,} tokens each "
-                  f"({len(plan.twin_tokens)} equal-FLOPs twins), into {out}")
+                  f"({len(plan.twin_tokens)} equal-FLOPs twins)"
+                  + (f", {plan.nproc} processes per run" if plan.nproc > 1 else "") + f", into {out}")
     live = sys.stderr.isatty() and not os.environ.get("FRUGALLM_NO_PROGRESS")
     run_lab(plan, out, data=data, progress=console.print, live=live)
     measure_serving(plan, out, chosen, progress=console.print)
-    write_report(out, build_report(out, plan, chosen))
+    write_report(out, build_report(out, plan, chosen, base=base))
     console.print(f"report: {out / 'report.md'}, {out / 'report.json'}, plots in {out / 'plots'}")
     return 0
 
@@ -78,6 +104,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", default=None, help="corpus (default: the embedded standard library)")
     p.add_argument("--out", default="runs/lab", help="lab directory (default runs/lab)")
     p.add_argument("--list", action="store_true", help="list the claims, their arms and FLOPs per token")
+    p.add_argument("--preset", default=None, help="the base arm's model preset (default tiny; frugallm info --list)")
+    p.add_argument("--config", default=None,
+                   help="the base arm's model from a run TOML ([model]) or a Hugging Face config.json")
+    p.add_argument("--seq-len", default=None, help="tokens per sequence (default 256)")
+    p.add_argument("--batch-size", default=None, help="sequences per step, over all processes (default 16)")
+    p.add_argument("--nproc", default=None,
+                   help="processes training each run on this machine (torch's elastic launcher; default 1)")
     p.add_argument("--no-probe", action="store_true",
                    help="plan the horizon at an assumed 0.2 TFLOP/s instead of timing a few steps of each arm")
     p.set_defaults(func=run_lab_command)

@@ -23,7 +23,7 @@ from typing import Any
 from frugallm import fsio
 from frugallm.config import ModelConfig
 from frugallm.lab import stats
-from frugallm.lab.claims import ARMS, Claim, arm_costs, base_model
+from frugallm.lab.claims import ARMS, Claim, arm_costs
 from frugallm.lab.runner import SERVED, TWIN, LabPlan, is_finished, run_dir
 
 
@@ -67,7 +67,7 @@ def arm_figures(path: Path, flops_per_token: float) -> dict[str, Any]:
 
 
 def build_report(out: Path, plan: LabPlan, claims: list[Claim], base: ModelConfig | None = None) -> dict[str, Any]:
-    base = base or base_model()
+    base = base or plan.base_config()
     costs = arm_costs(base, plan.seq_len)
     figs: dict[str, list[dict[str, Any]]] = {}
     for arm in plan.arms:
@@ -75,7 +75,10 @@ def build_report(out: Path, plan: LabPlan, claims: list[Claim], base: ModelConfi
         figs[arm] = [arm_figures(p, costs[arm.removesuffix(TWIN)]["train_flops_per_token"]) for p in runs
                      if is_finished(p)]
     report: dict[str, Any] = {"host": _host(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                              "plan": plan.as_dict(), "claims": {}}
+                              "plan": plan.as_dict(), "claims": {},
+                              "base": {"hidden_size": base.hidden_size, "layers": base.num_hidden_layers,
+                                       "params_total": costs["base"]["params_total"],
+                                       "params_active": costs["base"]["params_active"]}}
     for claim in claims:
         if any(not figs[a] for a in claim.arms):
             report["claims"][claim.name] = {"published": claim.published, "verdicts": [],
@@ -191,7 +194,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# frugallm lab report", "",
              f"Host {report['host']}, {report['date']}. {p['seeds']} seed(s) per arm, {p['tokens']:,} training "
              f"tokens per arm (seq {p['seq_len']} x batch {p['batch_size']}), budget {p['budget_s']:.0f} s. "
-             "Figures are mean ± sample standard deviation over seeds.", "",
+             "Figures are mean ± sample standard deviation over seeds."
+             + (f" Base arm: hidden {b['hidden_size']}, {b['layers']} layers, {b['params_total'] / 1e6:.2f}M "
+                f"parameters ({b['params_active'] / 1e6:.2f}M active)." if (b := report.get("base")) else "")
+             + (f" Each run trained by {p['nproc']} processes." if p.get("nproc", 1) > 1 else ""), "",
              _plan_line(p), ""]
     for name, c in report["claims"].items():
         pub = c["published"]

@@ -51,12 +51,22 @@ class LabPlan:
     rates: dict[str, float] = field(default_factory=dict)  # arm -> probed training tokens/s (empty: assumed)
     overhead_s: float = 15.0  # start-up and final evaluation of one run
     reserved_s: float = 0.0  # the budget's seconds outside training: probe, curation, decode measurements
+    base: dict[str, Any] = field(default_factory=dict)  # the base arm's ModelConfig (empty: the tiny preset)
+    nproc: int = 1  # processes training each run (torch's elastic launcher when above 1)
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ConfigError(f"--seeds must be a positive integer, got {self.seeds}")
         if self.tokens < self.seq_len * self.batch_size:
             raise ConfigError(f"the budget gives {self.tokens} tokens per arm, under one step; raise --budget")
+        if self.nproc < 1:
+            raise ConfigError(f"--nproc must be a positive integer, got {self.nproc}")
+        if self.batch_size % self.nproc:
+            raise ConfigError(f"--batch-size {self.batch_size} must divide by --nproc {self.nproc} (the batch is "
+                              "global, split over the processes)")
+
+    def base_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.base) if self.base else base_model()
 
     def tokens_of(self, arm: str) -> int:
         return self.twin_tokens.get(arm, self.tokens)
@@ -95,7 +105,8 @@ def flops_twins(claims: list[Claim], base: ModelConfig, seq_len: int) -> dict[st
 
 def make_plan(claims: list[Claim], *, seeds: int, budget_s: float, base: ModelConfig | None = None,
               seq_len: int = 256, batch_size: int = 16, rates: dict[str, float] | None = None,
-              overhead_s: float = 15.0, reserved_s: float = 0.0, assumed_flops_per_s: float = 2e11) -> LabPlan:
+              overhead_s: float = 15.0, reserved_s: float = 0.0, assumed_flops_per_s: float = 2e11,
+              nproc: int = 1) -> LabPlan:
     """The token horizon at which every run (equal-token arms and equal-FLOPs twins, all seeds) fits
     ``budget_s``: each arm at its probed ``rates`` (training tokens per second), plus ``overhead_s`` per run,
     less ``reserved_s`` (the probe and curation already spent, the serving measurements to come).
@@ -126,7 +137,7 @@ def make_plan(claims: list[Claim], *, seeds: int, budget_s: float, base: ModelCo
     return LabPlan(arms=arms + tuple(twin_tokens), seeds=seeds, tokens=tokens, seq_len=seq_len,
                    batch_size=batch_size, budget_s=budget_s, twin_tokens=twin_tokens,
                    rates={a: round(r, 1) for a, r in rates.items()}, overhead_s=round(overhead_s, 1),
-                   reserved_s=round(reserved_s, 1))
+                   reserved_s=round(reserved_s, 1), base=base.to_dict(), nproc=nproc)
 
 
 def run_dir(out: Path, arm: str, seed: int) -> Path:
@@ -150,6 +161,46 @@ def train_config(plan: LabPlan, arm: str, seed: int, data: list[str] | None, tok
     return TrainConfig(**base)
 
 
+def train_run(model_cfg: ModelConfig, cfg: TrainConfig, path: Path, *, resume: bool, nproc: int = 1,
+              label: str | None = None, deadline: float | None = None) -> bool:
+    """Train one run to its horizon; True when it was interrupted (Ctrl-C, SIGTERM) and checkpointed.
+    ``label``/``deadline``: the training loop's live progress line (None: no line). With ``nproc`` above 1 the
+    run is ``frugallm train`` under torch's elastic launcher on this machine (data parallel over the
+    processes, the same global batch), from a config the lab writes to ``arms/.launch``."""
+    if nproc <= 1:
+        from frugallm.train.loop import Trainer
+
+        return Trainer(model_cfg, cfg, path, resume=resume, progress=label is not None, progress_label=label,
+                       deadline=deadline).run().interrupted
+    import subprocess
+
+    from frugallm.errors import FrugalError
+    from frugallm.train.cli import launcher_command
+    from frugallm.train.runconfig import write_run_config
+
+    if resume:
+        argv = ["train", "--resume", str(path)]
+    else:
+        conf = path.parent / ".launch" / f"{path.name}.toml"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        write_run_config(conf, model_cfg, cfg)
+        argv = ["train", "--config", str(conf), "--out", str(path)]
+    proc = subprocess.Popen(launcher_command(nproc, argv + ([] if label else ["--no-progress"])))
+    interrupted = False
+    while True:
+        try:
+            rc = proc.wait()
+            break
+        except KeyboardInterrupt:  # the launcher's processes got the same signal and checkpoint: wait for them
+            interrupted = True
+    if is_finished(path):
+        return False
+    if interrupted or rc in (-2, 130):
+        return True
+    raise FrugalError(f"the run {path} failed under torch's launcher (exit code {rc}); its error is above. "
+                      "Run the same lab command again to resume it")
+
+
 # ----- the probe ----------------------------------------------------------------------------------------
 PROBE_STEPS = 4  # the first step is not timed (allocation, kernel choice)
 
@@ -166,13 +217,11 @@ def probe_groups(arms: tuple[str, ...]) -> dict[str, str]:
 
 
 def probe(out: Path, arms: tuple[str, ...], *, base: ModelConfig, seq_len: int, batch_size: int,
-          data: list[str] | None, train_overrides: dict[str, Any] | None = None,
+          data: list[str] | None, train_overrides: dict[str, Any] | None = None, nproc: int = 1,
           progress: Callable[[str], None] | None = None) -> tuple[dict[str, float], float]:
     """Training tokens per second of every arm on this machine and the start-up plus final-evaluation
     seconds of a run: ``PROBE_STEPS`` steps of each distinct arm in ``DIR/probe``. The overhead is the median
     over the probes after the first, whose start-up also prepared the corpus (a one-time cost)."""
-    from frugallm.train.loop import Trainer
-
     groups = probe_groups(arms)
     step_tokens = seq_len * batch_size
     rates: dict[str, float] = {}
@@ -187,10 +236,10 @@ def probe(out: Path, arms: tuple[str, ...], *, base: ModelConfig, seq_len: int, 
         path = root / a
         shutil.rmtree(path, ignore_errors=True)
         cfg = train_config(LabPlan(arms=(a,), seeds=1, tokens=step_tokens * PROBE_STEPS, seq_len=seq_len,
-                                   batch_size=batch_size, budget_s=1.0), a, 0, data, tokenizer,
+                                   batch_size=batch_size, budget_s=1.0, nproc=nproc), a, 0, data, tokenizer,
                            {**(train_overrides or {}), "log_every": 1, "checkpoint_every_s": 1e9})
         t0 = time.perf_counter()
-        Trainer(ARMS[a].model_config(base), cfg, path, progress=False).run()
+        train_run(ARMS[a].model_config(base), cfg, path, resume=False, nproc=nproc)
         wall = time.perf_counter() - t0
         recs = [json.loads(line) for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
                 if line.strip()]
@@ -209,7 +258,7 @@ def probe(out: Path, arms: tuple[str, ...], *, base: ModelConfig, seq_len: int, 
 
 def prepare_plan(out: Path, claims: list[Claim], *, seeds: int, budget_s: float, base: ModelConfig | None = None,
                  data: list[str] | None = None, seq_len: int = 256, batch_size: int = 16,
-                 train_overrides: dict[str, Any] | None = None, calibrate: bool = True,
+                 train_overrides: dict[str, Any] | None = None, calibrate: bool = True, nproc: int = 1,
                  progress: Callable[[str], None] | None = None) -> LabPlan:
     """The saved plan of a lab started again (refusing another lab's), else a new one from a probe of this
     machine (``calibrate``) or from the assumed rate, written to ``DIR/plan.json`` before anything trains."""
@@ -220,22 +269,25 @@ def prepare_plan(out: Path, claims: list[Claim], *, seeds: int, budget_s: float,
         old = LabPlan.from_dict(json.loads(saved.read_text(encoding="utf-8")))
         differ = [name for name, a, b in (("claims", set(arm_of(x) for x in old.arms), set(arms)),
                                           ("--seeds", old.seeds, seeds), ("--budget", old.budget_s, budget_s),
-                                          ("shape", (old.seq_len, old.batch_size), (seq_len, batch_size)))
+                                          ("--seq-len/--batch-size", (old.seq_len, old.batch_size),
+                                           (seq_len, batch_size)),
+                                          ("model (--preset/--config)", old.base_config(), base),
+                                          ("--nproc", old.nproc, nproc))
                   if a != b]
         if differ:
             raise ConfigError(f"{out} holds a lab with another plan ({', '.join(differ)} differ); rerun it with "
-                              f"the same claims, --budget and --seeds, or choose another --out")
+                              f"the same claims and options, or choose another --out")
         return old
     t0 = time.time()
     if any(ARMS[a].curated for a in arms):  # curated once, before the plan: its seconds are the budget's
         curated_corpus(out, data, progress)
     rates, overhead = (probe(out, arms, base=base, seq_len=seq_len, batch_size=batch_size, data=data,
-                             train_overrides=train_overrides, progress=progress)
+                             train_overrides=train_overrides, nproc=nproc, progress=progress)
                        if calibrate else ({}, 15.0))
     before = time.time() - t0
     serving = SERVING_S * sum(len(c.arms) for c in claims if c.name in SERVED)
     plan = make_plan(claims, seeds=seeds, budget_s=budget_s, base=base, seq_len=seq_len, batch_size=batch_size,
-                     rates=rates, overhead_s=overhead, reserved_s=before + serving)
+                     rates=rates, overhead_s=overhead, reserved_s=before + serving, nproc=nproc)
     out.mkdir(parents=True, exist_ok=True)
     fsio.write_text(saved, json.dumps(plan.as_dict(), indent=1))
     _spend(out, before)
@@ -259,12 +311,11 @@ def run_lab(plan: LabPlan, out: Path, *, base: ModelConfig | None = None, data: 
             train_overrides: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
             live: bool = False, stop_after_runs: int | None = None) -> list[Path]:
     """Train every (arm, seed) of the plan not finished yet; the run directories in plan order.
-    ``base``: the base model (default ``tiny``; the tests' miniature lab shrinks it); ``live``: the training
+    ``base``: the base model (default: the plan's); ``live``: the training
     loop's progress line, labelled with the run and the time left in the budget; ``stop_after_runs``: return
     after training that many (tests interrupt a lab with it)."""
-    from frugallm.train.loop import Trainer
-
     out.mkdir(parents=True, exist_ok=True)
+    base = base or plan.base_config()
     if not (out / "plan.json").is_file():
         fsio.write_text(out / "plan.json", json.dumps(plan.as_dict(), indent=1))
     runs = [(a, s) for s in range(plan.seeds) for a in plan.arms]
@@ -294,11 +345,10 @@ def run_lab(plan: LabPlan, out: Path, *, base: ModelConfig | None = None, data: 
         cfg = train_config(plan, arm, seed, curated if spec.curated else data, tokenizer, train_overrides)
         resume = (path / "config.toml").is_file() and (path / "checkpoints").is_dir()
         t0 = time.time()
-        result = Trainer(spec.model_config(base or base_model()), cfg, path, resume=resume, progress=live,
-                         progress_label=f"lab {label}" if live else None,
-                         deadline=deadline if live else None).run()
+        interrupted = train_run(spec.model_config(base), cfg, path, resume=resume, nproc=plan.nproc,
+                                label=f"lab {label}" if live else None, deadline=deadline)
         _spend(out, time.time() - t0)
-        if result.interrupted:  # Ctrl-C or SIGTERM: the arm is checkpointed, and the lab stops with it
+        if interrupted:  # Ctrl-C or SIGTERM: the arm is checkpointed, and the lab stops with it
             if progress:
                 progress(f"interrupted in arm {arm} seed {seed}; run the same command again to resume")
             return dirs

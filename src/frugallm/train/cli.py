@@ -99,7 +99,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
     return out
 
 
-def _launcher_command(nproc: int, argv: list[str]) -> list[str]:
+def launcher_command(nproc: int, argv: list[str]) -> list[str]:
     """This command again, without --nproc, under torch's elastic launcher on this machine (--standalone picks
     a free rendezvous port). Multi-node runs call torchrun directly (docs/scaling.md)."""
     rest, skip = [], False
@@ -116,7 +116,7 @@ def _launcher_command(nproc: int, argv: list[str]) -> list[str]:
 
 def run_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return subprocess.call(_launcher_command(args.nproc, sys.argv[1:]))
+        return subprocess.call(launcher_command(args.nproc, sys.argv[1:]))
     from rich.console import Console
 
     from frugallm.kernels import override_from_env

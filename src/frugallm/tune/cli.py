@@ -83,9 +83,9 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 def run_finetune(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from frugallm.train.cli import _launcher_command
+        from frugallm.train.cli import launcher_command
 
-        return subprocess.call(_launcher_command(args.nproc, sys.argv[1:]))
+        return subprocess.call(launcher_command(args.nproc, sys.argv[1:]))
     from rich.console import Console
 
     from frugallm.kernels import override_from_env
