@@ -8,11 +8,14 @@ directory as ``serve.json`` and reused, so a restarted lab does not measure twic
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from frugallm import fsio
+
+REPEATS = 3  # decodes of the prompt per engine; the median is the figure
 
 
 def _decode_rate(engine: Any, prompt: list[int], new: int) -> float:
@@ -30,28 +33,33 @@ def _decode_rate(engine: Any, prompt: list[int], new: int) -> float:
 
 
 def measure(path: Path, prompt: list[int], *, new_tokens: int = 32, speculative: bool = False) -> dict[str, Any]:
-    """Decode figures of the run at ``path``, cached in its ``serve.json``: an arm two claims serve (the base
-    serves mla-vs-mha plainly and mtp with drafts) gets the figures the second one adds measured then."""
+    """Decode figures of the run at ``path``, cached in its ``serve.json``: the median of ``REPEATS`` decodes,
+    with drafts and without alternately when ``speculative``. An arm two claims serve (the base serves
+    mla-vs-mha plainly and mtp with drafts) is measured again, both ways, for the second."""
     from frugallm.rundir import load_model
     from frugallm.serve.engine import Engine, EngineConfig
 
     cache = path / "serve.json"
     fig: dict[str, Any] = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
     model = None
-    if "decode_tokens_per_s" not in fig:
+    drafts_missing = speculative and fig.get("mtp", True) and "speculative_speedup" not in fig
+    if "decode_tokens_per_s" not in fig or drafts_missing:
         model = load_model(path)[0].eval()
-        fig.update(context=len(prompt), new_tokens=new_tokens)
-        plain = Engine(model, None, EngineConfig(speculative=False, max_batch=1, prefix_cache=False))
-        _decode_rate(plain, prompt[:8], 4)  # warm-up
-        fig["decode_tokens_per_s"] = _decode_rate(plain, prompt, new_tokens)
-        fig["cache_bytes_per_token"] = plain.cache_bytes_per_token
-    if speculative and "speculative_speedup" not in fig:
-        model = model if model is not None else load_model(path)[0].eval()
-        if len(model.model.mtp):
-            spec = Engine(model, None, EngineConfig(speculative=True, max_batch=1, prefix_cache=False))
-            _decode_rate(spec, prompt[:8], 4)
-            fig["speculative_tokens_per_s"] = _decode_rate(spec, prompt, new_tokens)
-            fig["acceptance_rate"] = spec.stats()["acceptance_rate"]
+        fig.update(context=len(prompt), new_tokens=new_tokens, mtp=bool(len(model.model.mtp)))
+        engines = {False: Engine(model, None, EngineConfig(speculative=False, max_batch=1, prefix_cache=False))}
+        if speculative and len(model.model.mtp):
+            engines[True] = Engine(model, None, EngineConfig(speculative=True, max_batch=1, prefix_cache=False))
+        rates: dict[bool, list[float]] = {k: [] for k in engines}
+        for e in engines.values():
+            _decode_rate(e, prompt[:8], 4)  # warm-up
+        for _ in range(REPEATS):  # alternating, so that both see the same machine
+            for k, e in engines.items():
+                rates[k].append(_decode_rate(e, prompt, new_tokens))
+        fig["decode_tokens_per_s"] = statistics.median(rates[False])
+        fig["cache_bytes_per_token"] = engines[False].cache_bytes_per_token
+        if True in engines:
+            fig["speculative_tokens_per_s"] = statistics.median(rates[True])
+            fig["acceptance_rate"] = engines[True].stats()["acceptance_rate"]
             fig["speculative_speedup"] = fig["speculative_tokens_per_s"] / fig["decode_tokens_per_s"]
     if model is not None:
         fsio.write_text(cache, json.dumps(fig, indent=1))
