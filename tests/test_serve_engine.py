@@ -482,7 +482,7 @@ def test_prompts_sharing_a_context_submitted_together_compute_it_once():
 
 
 # ----- the lean decode step ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("tokens", [1, 2, 5])  # N*k = 2, 4 (<= E = 4: each chosen expert once), 10 (grouped)
+@pytest.mark.parametrize("tokens", [1, 2, 5, 24])  # N*k = 2, 4 (<= E = 4: each chosen expert once), then padded
 def test_serving_ffn_equals_the_blocks_own(tokens: int) -> None:
     from frugallm.serve.ffn import ffn_half
 
@@ -491,6 +491,27 @@ def test_serving_ffn_equals_the_blocks_own(tokens: int) -> None:
     with torch.inference_mode():
         for layer in model.model.layers:  # the dense first layer, then an MoE one
             assert torch.allclose(ffn_half(layer, x), layer.ffn(x)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_padded_experts_equal_the_grouped_path_and_give_way_to_it_on_a_skewed_routing() -> None:
+    from frugallm.model.moe import GroupedExperts
+    from frugallm.serve.ffn import _padded_experts
+
+    g = torch.Generator().manual_seed(0)
+    experts = GroupedExperts(16, 32, 24)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.2, generator=g)
+        experts.down_proj.normal_(0, 0.2, generator=g)
+    x = torch.randn(24, 32, generator=g)
+    indices = torch.stack([torch.randperm(16, generator=g)[:2] for _ in range(24)])  # N*k = 48 > E
+    gates = torch.rand(24, 2, generator=g)
+    with torch.inference_mode():
+        want = experts(x, indices, gates)
+        got = _padded_experts(experts, x, indices, gates)
+        assert got is not None and torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+        skewed = indices.clone()
+        skewed[:, 0] = 0  # every token on expert 0: 16 x 24 padded rows for 48 pairs
+        assert _padded_experts(experts, x, skewed, gates) is None
 
 
 def test_consecutive_blocks_are_read_as_a_view_and_others_gathered() -> None:

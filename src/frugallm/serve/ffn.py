@@ -10,6 +10,11 @@ without what only training needs.
   its tokens' rows scaled by their gates. Used on the CPU, for the plain stacked experts (``GroupedExperts``
   itself: LoRA and FP8 experts keep their own ``project``), when N*k <= E; otherwise, and on GPUs (where
   reading the routing back to the host would stall the stream), the module's own grouped path runs.
+- More tokens than experts (N*k > E: batched decoding, verification of many rows, rollouts): every expert
+  runs in one batched GEMM per projection over the stacked weights, each expert's rows padded to the
+  busiest expert's count (``_padded_experts``), when that padding at most doubles the rows. Three GEMM
+  calls and a dozen indexing operators per layer in place of two GEMMs and four indexing operators per
+  expert; at 16 decode streams on ``tiny`` that is about a third of the step's operators.
 - The dense MLP and the shared experts as ``down(silu(gate(x)) * up(x))``: ``MLP.forward`` concatenates
   gate and up into one weight on every call so that training's backward is one GEMM; without a backward
   that copy of the weights buys nothing.
@@ -48,8 +53,11 @@ def moe_infer(moe: MoE, h: torch.Tensor) -> torch.Tensor:
     route = moe.gate(flat)
     experts = moe.experts
     N, k = route.indices.shape
-    if type(experts) is GroupedExperts and flat.device.type == "cpu" and N * k <= experts.n_experts:
+    plain = type(experts) is GroupedExperts and flat.device.type == "cpu"
+    if plain and N * k <= experts.n_experts:
         out = _chosen_experts(experts, flat, route.indices, route.gates)
+    elif plain and (padded := _padded_experts(experts, flat, route.indices, route.gates)) is not None:
+        out = padded
     else:
         out = experts(flat, route.indices, route.gates)
     out = out.view(B, S, H)
@@ -80,3 +88,34 @@ def _chosen_experts(experts: GroupedExperts, x: torch.Tensor, indices: torch.Ten
             y = F.linear(swiglu(F.linear(xs.index_select(0, rows), w_gu)), w_d)  # [m, H]
             out.index_add_(0, rows, y * torch.tensor([g for _, g in pairs], dtype=dtype, device=x.device)[:, None])
     return out.to(x.dtype)
+
+
+def _padded_experts(experts: GroupedExperts, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor
+                    ) -> torch.Tensor | None:
+    """The same sum as ``_chosen_experts`` (x [N, H], indices/gates [N, k] -> [N, H]) with every expert's
+    (token, expert) pairs laid out in a [E, m, H] batch, m the largest expert's count, the empty places
+    pointing at a zero row: gate-up and down are one ``bmm`` each over the stacked weights [E, 2I, H] and
+    [E, H, I]. None when the padding would more than double the rows (a very uneven routing), so that the
+    module's own grouped path runs instead."""
+    N, k = indices.shape
+    E = experts.n_experts
+    flat = indices.reshape(-1)  # [P] pair p = t*k + j
+    P = flat.numel()
+    counts = torch.bincount(flat, minlength=E)  # [E]
+    m = int(counts.max())
+    if E * m > 2 * P:
+        return None
+    dtype = experts.compute_dtype(x)
+    order = flat.argsort(stable=True)  # pairs sorted by expert
+    by_expert = flat[order]
+    rank = torch.arange(P, device=x.device) - (torch.cumsum(counts, 0) - counts)[by_expert]  # place in its expert
+    slot = torch.full((E, m), P, dtype=torch.long, device=x.device)  # P: the zero row
+    slot[by_expert, rank] = order
+    rows = torch.cat([x.to(dtype).repeat_interleave(k, 0), x.new_zeros(1, x.shape[1], dtype=dtype)])  # [P+1, H]
+    batch = rows[slot]  # [E, m, H]
+    h = torch.bmm(batch, experts.gate_up_proj.to(dtype).transpose(1, 2))  # [E, m, 2I]
+    y = torch.bmm(swiglu(h), experts.down_proj.to(dtype).transpose(1, 2))  # [E, m, H]
+    g = torch.cat([gates.reshape(-1).to(dtype), gates.new_zeros(1, dtype=dtype)])[slot]  # [E, m]
+    out = torch.zeros(P + 1, x.shape[1], dtype=dtype, device=x.device)
+    out.index_copy_(0, slot.flatten(), (y * g[..., None]).flatten(0, 1))  # the padding all lands on row P
+    return out[:P].view(N, k, -1).sum(1).to(x.dtype)
