@@ -12,7 +12,8 @@ without what only training needs.
   reading the routing back to the host would stall the stream), the module's own grouped path runs.
 - More tokens than experts (N*k > E: batched decoding, verification of many rows, rollouts): every expert
   runs in one batched GEMM per projection over the stacked weights, each expert's rows padded to the
-  busiest expert's count (``_padded_experts``), when that padding at most doubles the rows. Three GEMM
+  busiest expert's count (``_padded_experts``), when that padding at most doubles the rows or stays
+  within 8 rows per expert. Three GEMM
   calls and a dozen indexing operators per layer in place of two GEMMs and four indexing operators per
   expert; at 16 decode streams on ``tiny`` that is about a third of the step's operators.
 - The dense MLP and the shared experts as ``down(silu(gate(x)) * up(x))``: ``MLP.forward`` concatenates
@@ -90,20 +91,24 @@ def _chosen_experts(experts: GroupedExperts, x: torch.Tensor, indices: torch.Ten
     return out.to(x.dtype)
 
 
+PAD_ROWS = 8  # rows per expert the padded batch may always hold
+
+
 def _padded_experts(experts: GroupedExperts, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor
                     ) -> torch.Tensor | None:
     """The same sum as ``_chosen_experts`` (x [N, H], indices/gates [N, k] -> [N, H]) with every expert's
     (token, expert) pairs laid out in a [E, m, H] batch, m the largest expert's count, the empty places
     pointing at a zero row: gate-up and down are one ``bmm`` each over the stacked weights [E, 2I, H] and
-    [E, H, I]. None when the padding would more than double the rows (a very uneven routing), so that the
-    module's own grouped path runs instead."""
+    [E, H, I]. None when the padding would more than double the rows and exceed ``PAD_ROWS`` per expert (a
+    very uneven routing of many tokens), so that the module's own grouped path runs instead: at a few rows
+    per expert the GEMMs cost their weight reads, whatever the padding."""
     N, k = indices.shape
     E = experts.n_experts
     flat = indices.reshape(-1)  # [P] pair p = t*k + j
     P = flat.numel()
     counts = torch.bincount(flat, minlength=E)  # [E]
     m = int(counts.max())
-    if E * m > 2 * P:
+    if E * m > max(2 * P, PAD_ROWS * E):
         return None
     dtype = experts.compute_dtype(x)
     order = flat.argsort(stable=True)  # pairs sorted by expert
