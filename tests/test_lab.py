@@ -222,3 +222,32 @@ def test_nproc_trains_each_run_under_the_launcher_as_one_process_does(corpus_dir
         prepare_plan(out, claims, seeds=1, budget_s=120, base=MICRO, seq_len=32, batch_size=4, nproc=1)
     with pytest.raises(ConfigError, match="must divide by --nproc"):
         LabPlan(arms=("base",), nproc=3, **shape)
+
+
+def test_a_launched_run_gets_the_labs_progress_label_and_deadline(tmp_path, monkeypatch) -> None:
+    from frugallm.lab import runner
+    from frugallm.train.cli import PROGRESS_DEADLINE_ENV, PROGRESS_LABEL_ENV, progress_from_env
+
+    seen = {}
+
+    class FakeLauncher:
+        def __init__(self, cmd, env):
+            seen.update(cmd=cmd, env=env)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeLauncher)
+    plan = LabPlan(arms=("base",), seeds=1, tokens=4 * 128, seq_len=32, batch_size=4, budget_s=60, nproc=2)
+    cfg = runner.train_config(plan, "base", 0, None, None)
+    interrupted = runner.train_run(MICRO, cfg, tmp_path / "base-seed0", resume=False, nproc=2,
+                                   label="lab [1/2] base seed 0", deadline=1234.5)
+    assert interrupted  # the fake launcher finished nothing
+    assert "--nproc-per-node=2" in seen["cmd"] and "--no-progress" not in seen["cmd"]
+    env = seen["env"]
+    assert env[PROGRESS_LABEL_ENV] == "lab [1/2] base seed 0" and float(env[PROGRESS_DEADLINE_ENV]) == 1234.5
+    monkeypatch.setenv(PROGRESS_LABEL_ENV, env[PROGRESS_LABEL_ENV])
+    monkeypatch.setenv(PROGRESS_DEADLINE_ENV, env[PROGRESS_DEADLINE_ENV])
+    assert progress_from_env() == ("lab [1/2] base seed 0", 1234.5)
+    monkeypatch.setenv(PROGRESS_DEADLINE_ENV, "soon")
+    assert progress_from_env() == ("lab [1/2] base seed 0", None)

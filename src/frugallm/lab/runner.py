@@ -172,10 +172,11 @@ def train_run(model_cfg: ModelConfig, cfg: TrainConfig, path: Path, *, resume: b
 
         return Trainer(model_cfg, cfg, path, resume=resume, progress=label is not None, progress_label=label,
                        deadline=deadline).run().interrupted
+    import os
     import subprocess
 
     from frugallm.errors import FrugalError
-    from frugallm.train.cli import launcher_command
+    from frugallm.train.cli import PROGRESS_DEADLINE_ENV, PROGRESS_LABEL_ENV, launcher_command
     from frugallm.train.runconfig import write_run_config
 
     if resume:
@@ -185,7 +186,12 @@ def train_run(model_cfg: ModelConfig, cfg: TrainConfig, path: Path, *, resume: b
         conf.parent.mkdir(parents=True, exist_ok=True)
         write_run_config(conf, model_cfg, cfg)
         argv = ["train", "--config", str(conf), "--out", str(path)]
-    proc = subprocess.Popen(launcher_command(nproc, argv + ([] if label else ["--no-progress"])))
+    env = dict(os.environ)
+    if label:  # the launched run's live line, labelled and counting down as the lab's own would
+        env[PROGRESS_LABEL_ENV] = label
+        if deadline is not None:
+            env[PROGRESS_DEADLINE_ENV] = repr(deadline)
+    proc = subprocess.Popen(launcher_command(nproc, argv + ([] if label else ["--no-progress"])), env=env)
     interrupted = False
     while True:
         try:
@@ -195,7 +201,7 @@ def train_run(model_cfg: ModelConfig, cfg: TrainConfig, path: Path, *, resume: b
             interrupted = True
     if is_finished(path):
         return False
-    if interrupted or rc in (-2, 130):
+    if interrupted or rc in (0, -2, 130):  # 0 unfinished: the run stopped on a signal and checkpointed
         return True
     raise FrugalError(f"the run {path} failed under torch's launcher (exit code {rc}); its error is above. "
                       "Run the same lab command again to resume it")

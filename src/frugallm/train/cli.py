@@ -14,6 +14,18 @@ from frugallm.errors import ConfigError
 from frugallm.kernels.policy import KERNELS_ENV
 
 NO_PROGRESS_ENV = "FRUGALLM_NO_PROGRESS"  # read here only: set, no live progress line (tests, logs)
+# set by ``frugallm lab --nproc`` for the runs it launches: the progress line's label and the budget's end
+PROGRESS_LABEL_ENV, PROGRESS_DEADLINE_ENV = "FRUGALLM_PROGRESS_LABEL", "FRUGALLM_PROGRESS_DEADLINE"
+
+
+def progress_from_env() -> tuple[str | None, float | None]:
+    """The live line's label and deadline (epoch seconds) a launching lab passed, or (None, None)."""
+    label = os.environ.get(PROGRESS_LABEL_ENV) or None
+    try:
+        deadline = float(os.environ[PROGRESS_DEADLINE_ENV])
+    except (KeyError, ValueError):
+        deadline = None
+    return label, deadline
 
 # flags that override TrainConfig fields: (flag, field, type, help)
 _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -127,8 +139,9 @@ def run_train(args: argparse.Namespace) -> int:
         model_cfg, train_cfg = _resolve_configs(args)
         run_dir = _run_dir(args)
         progress = not args.no_progress and os.environ.get(NO_PROGRESS_ENV) is None
+        label, deadline = progress_from_env()
         trainer = Trainer(model_cfg, train_cfg, run_dir, resume=bool(args.resume), progress=progress,
-                          kernel_override=override_from_env())
+                          kernel_override=override_from_env(), progress_label=label, deadline=deadline)
         console = Console()
         if trainer.dist.is_main:
             console.print(f"run directory: {run_dir}   device: {trainer.device}   precision: "
