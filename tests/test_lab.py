@@ -56,7 +56,9 @@ def test_bad_input_is_refused_naming_the_problem() -> None:
         select(["moe-vs-sparse"])
     with pytest.raises(ConfigError, match="raise --budget"):
         make_plan(select(None), seeds=2, budget_s=30)
-    for argv, field in ((["bogus"], "unknown claim"), (["--budget", "abc"], "--budget"), (["--seeds", "0"], "--seeds")):
+    for argv, field in ((["bogus"], "unknown claim"), (["--budget", "abc"], "--budget"), (["--seeds", "0"], "--seeds"),
+                        (["--nproc", "0"], "--nproc"), (["--preset", "tiny", "--config", "x.toml"], "--preset"),
+                        (["--config", "missing.toml", "--list"], "config not found")):
         done = subprocess.run([sys.executable, "-m", "frugallm", "lab", *argv], capture_output=True, text=True)
         assert done.returncode == 2, done.stderr
         assert field in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -32,22 +32,16 @@ def _positive(flag: str, value: str | None, default: int) -> int:
 
 
 def _base(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The base arm's model: --preset NAME, --config (a run TOML's [model] or a Hugging Face config.json), or
-    the tiny preset."""
+    """The base arm's model: --preset NAME, --config (a TOML's [model] table, a Hugging Face config.json or a
+    directory holding one: ``config.load_model_config``), or the tiny preset."""
     from frugallm.config import load_model_config, preset
     from frugallm.lab.claims import base_model
-    from frugallm.train.runconfig import read_run_config
 
     if args.preset and args.config:
         raise ConfigError("--preset and --config both name the base model; give one")
     if args.preset:
         return preset(args.preset)
-    if args.config:
-        path = Path(args.config)
-        if not path.exists():
-            raise ConfigError(f"--config {path}: no such file")
-        return read_run_config(path)[0] if path.suffix == ".toml" else load_model_config(path)
-    return base_model()
+    return load_model_config(args.config) if args.config else base_model()
 
 
 def run_lab_command(args: argparse.Namespace) -> int:
